@@ -1,0 +1,62 @@
+"""Defaults shared by every config file (the reference's R2-Gaussian / X2-Gaussian values).
+
+Each config file in this folder is one `get_config(arg)` that starts from `base_config()` and changes
+what its method needs; the docstring of each shows its launch command.
+"""
+import ml_collections
+
+
+def lr(init: float, final: float, max_steps: int = 30000) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(init=init, final=final, max_steps=max_steps))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.resume = ""  # a run directory to continue exactly from its latest checkpoint
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # a NAF/X2GS *.pickle; empty = the embedded phantom below (generated once, cached)
+    c.data.cache_dir = ""  # where the embedded phantom is cached; empty = $X2GS_CACHE or ~/.cache/x2gs_jax
+    c.data.phantom = ml_collections.ConfigDict(dict(
+        breathing="regular",  # "static" (3D case), "regular" or "irregular"
+        size=128, detector=256, views=300, val_views=50, period_s=3.0, noise=0.0, seed=0))
+    c.data.init = ml_collections.ConfigDict(dict(
+        method="fdk", n_points=50000, density_thresh=0.05, density_rescale=0.15, seed=0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "static"
+    # Scale activation: bounded sigmoid (R2) when both bounds > 0 (fractions of the volume size V),
+    # otherwise exp (X2).
+    c.model.scale_min = 0.0005
+    c.model.scale_max = 0.5
+    c.model.initial_capacity_factor = 1.25  # capacity = factor * initial points (grows by doubling)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.iterations = 30000
+    c.train.coarse_iterations = 30000  # static stage length (= iterations for a static model)
+    c.train.views_per_step = 1
+
+    c.loss = ml_collections.ConfigDict(dict(
+        lambda_dssim=0.25, lambda_tv=0.05, tv_vol_size=32,
+        tv_culling="extent",  # "extent" (R2) or "center" (the X2 voxelizer variant)
+        tv_mean_grad="true",  # "true" or "reference_h2" (reproduces the reference voxelizer bug)
+    ))
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = ml_collections.ConfigDict(dict(
+        xyz=lr(2e-4, 2e-5), density=lr(1e-2, 1e-3), scaling=lr(5e-3, 5e-4), rotation=lr(1e-3, 1e-4)))
+    # Generic per-group controls, e.g. --config.optim.controls='{"xyz": {"freeze_until": 1000}}'.
+    c.optim.controls = ml_collections.ConfigDict()
+
+    c.densify = ml_collections.ConfigDict(dict(
+        enabled=True, interval=100, from_iter=500, until_iter=15000, grad_threshold=5e-5,
+        scale_threshold=0.1,  # fraction of V
+        density_min=1e-5, max_num_gaussians=500000))
+
+    c.render = ml_collections.ConfigDict(dict(backend="auto"))
+
+    c.eval = ml_collections.ConfigDict(dict(iterations=(1, 5000, 10000, 20000, 30000), max_val_views=50))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3))
+    c.log = ml_collections.ConfigDict(dict(every=20, tensorboard=True))
+    return c
