@@ -78,7 +78,8 @@ def inverse_scale_activation_jax(scale: jax.Array, scale_bound: ScaleBound) -> j
 
 
 def normalize_quaternion(q: jax.Array) -> jax.Array:
-    return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    """q / max(|q|, 1e-12); written with rsqrt of the clamped squared norm so the gradient is finite at q = 0."""
+    return q * jax.lax.rsqrt(jnp.maximum(jnp.sum(q * q, axis=-1, keepdims=True), 1e-24))
 
 
 def quaternion_to_rotation(q: jax.Array) -> jax.Array:
