@@ -1,0 +1,234 @@
+"""Spatiotemporal HexPlane (K-planes) feature field of X2-Gaussian (x2gaussian.md §4).
+
+Parameters ("grid" optimiser group): a list over levels of a list of 6 planes in the reference order
+
+  0:(x,y)  1:(x,z)  2:(x,t)  3:(y,z)  4:(y,t)  5:(z,t)      spatial {0,1,3}, time {2,4,5}
+
+Plane (a,b) is an array [C, R_b, R_a] (rows = second coordinate b, columns = first coordinate a).
+Level l (multires factor m_l) has spatial resolution m_l * (Rx, Ry, Rz); the time resolution Rt is
+the same at every level. Init: time planes 1.0, spatial planes i.i.d. Uniform(0.1, 0.5).
+
+Coordinates (exactly as the reference codes them): g_xyz = -p / bounds (the reference's aabb is
+stored upside down, hence the sign flip), g_t = t (normalised time, raw), so t in [0, 1] only covers
+the upper half of the time axis. "full" time mapping (g_t = 2t - 1) is a flagged ablation.
+
+Sampling is bilinear with align_corners=True and border padding (PyTorch grid_sample semantics):
+column i = (u+1)/2 (R_a-1), row j = (v+1)/2 (R_b-1), clamped to the plane. `sample_plane` is
+gather-based with a custom VJP whose residuals are only the plane (by reference) and the coordinates,
+so no per-corner [N, C] tensor is kept for the backward pass.
+
+Feature of a point: concat over levels of the element-wise product of its 6 plane samples,
+[N, n_levels * C] (128 for the defaults).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (a, b) coordinate indices into (x, y, z, t) of each plane, in the reference order.
+PLANE_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+SPATIAL_PLANES = (0, 1, 3)
+TIME_PLANES = (2, 4, 5)
+TIME_MAPPINGS = ("reference", "full")
+
+SPATIAL_INIT_RANGE = (0.1, 0.5)  # reference init of the planes without t
+TIME_INIT_VALUE = 1.0  # reference init of the planes containing t
+
+
+# ------------------------------------------------------------------------------------ shapes / init
+def level_resolutions(resolution: Sequence[int], multires: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Per level (Rx, Ry, Rz, Rt): spatial axes multiplied by the multires factor, time unchanged."""
+    rx, ry, rz, rt = (int(r) for r in resolution)
+    return [(rx * int(m), ry * int(m), rz * int(m), rt) for m in multires]
+
+
+def plane_shapes(resolution: Sequence[int], multires: Sequence[int], features: int) -> list[list[tuple[int, int, int]]]:
+    """[levels][6] shapes (C, R_b, R_a) of the planes."""
+    _check_sizes(resolution, multires, features)
+    out = []
+    for res in level_resolutions(resolution, multires):
+        out.append([(int(features), res[b], res[a]) for a, b in PLANE_PAIRS])
+    return out
+
+
+def num_grid_params(resolution: Sequence[int], multires: Sequence[int], features: int) -> int:
+    """Number of floats in the grid (closed form, no allocation)."""
+    return int(sum(int(np.prod(s)) for level in plane_shapes(resolution, multires, features) for s in level))
+
+
+def init_grid(key: jax.Array, resolution: Sequence[int] = (64, 64, 64, 150), multires: Sequence[int] = (1, 2, 4, 8),
+              features: int = 32) -> list[list[jax.Array]]:
+    """Reference initialisation: time planes all 1.0, spatial planes i.i.d. Uniform(0.1, 0.5) (float32)."""
+    shapes = plane_shapes(resolution, multires, features)
+    lo, hi = SPATIAL_INIT_RANGE
+    spatial_sizes = [int(np.prod(level[p])) for level in shapes for p in SPATIAL_PLANES]
+    # One draw for all spatial planes (i.i.d. anyway): a single RNG kernel compiles much faster
+    # than one per plane shape.
+    flat = jax.random.uniform(key, (sum(spatial_sizes),), jnp.float32, lo, hi)
+    offsets = np.cumsum([0] + spatial_sizes)
+    grid, n = [], 0
+    for level_shapes in shapes:
+        planes = []
+        for p, shape in enumerate(level_shapes):
+            if p in TIME_PLANES:
+                planes.append(jnp.full(shape, TIME_INIT_VALUE, jnp.float32))
+            else:
+                planes.append(flat[offsets[n]:offsets[n + 1]].reshape(shape))
+                n += 1
+        grid.append(planes)
+    return grid
+
+
+def spatial_planes(grid_params: Sequence[Sequence[jax.Array]]) -> list[jax.Array]:
+    """The (x,y), (x,z), (y,z) planes of every level, level-major (for `losses.hexplane_regularisers`)."""
+    return [level[p] for level in _check_grid(grid_params) for p in SPATIAL_PLANES]
+
+
+def time_planes(grid_params: Sequence[Sequence[jax.Array]]) -> list[jax.Array]:
+    """The (x,t), (y,t), (z,t) planes of every level, level-major (for `losses.hexplane_regularisers`)."""
+    return [level[p] for level in _check_grid(grid_params) for p in TIME_PLANES]
+
+
+# ------------------------------------------------------------------------------------ coordinates
+def normalise_coords(xyz: jax.Array, t, bounds: float = 1.6, time_mapping: str = "reference") -> jax.Array:
+    """Grid coordinates [N, 4] = (-x/bounds, -y/bounds, -z/bounds, g_t) from world xyz [N, 3] and time t.
+
+    t: [] or [N] normalised acquisition time (seconds / scan length). g_t = t ("reference") or
+    2t - 1 ("full", ablation). The sign flip of the spatial axes is the reference's (x2gaussian.md §4).
+    """
+    if time_mapping not in TIME_MAPPINGS:
+        raise ValueError(f"normalise_coords: time_mapping must be one of {TIME_MAPPINGS}, got {time_mapping!r}")
+    xyz = jnp.asarray(xyz, jnp.float32)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise ValueError(f"normalise_coords: xyz must have shape [N, 3], got {xyz.shape}")
+    t = jnp.asarray(t, jnp.float32)
+    g_t = t if time_mapping == "reference" else 2.0 * t - 1.0
+    g_t = jnp.broadcast_to(g_t, xyz.shape[:1])
+    return jnp.concatenate([-xyz / jnp.float32(bounds), g_t[:, None]], axis=1)
+
+
+# ------------------------------------------------------------------------------------ sampling
+def _axis_lookup(g: jax.Array, size: int):
+    """Continuous index along one axis of length `size` (align_corners=True, border clamp).
+
+    Returns (i0 [N] int32 in [0, size-2], frac [N] in [0, 1], d_index/d_g [N]); the derivative is zero
+    where the clamp is active (PyTorch's clip_coordinates_set_grad: strictly inside only).
+    """
+    scale = 0.5 * (size - 1)
+    raw = (g + 1.0) * scale
+    pos = jnp.clip(raw, 0.0, size - 1.0)
+    # i0 <= size-2 so that i0+1 is a valid neighbour; at the last node frac becomes 1.
+    i0 = jnp.clip(jnp.floor(pos), 0.0, size - 2.0)
+    frac = pos - i0
+    dpos = jnp.where((raw > 0.0) & (raw < size - 1.0), jnp.float32(scale), 0.0)
+    # Clamp again in integer space: a NaN coordinate must give a NaN sample, never an out-of-bounds read.
+    return jnp.clip(i0.astype(jnp.int32), 0, size - 2), frac, dpos
+
+
+def _corner_rows(plane: jax.Array, u: jax.Array, v: jax.Array):
+    """Gather the 4 corner feature vectors [N, C] of each point from a plane [C, R_b, R_a]."""
+    c, rb, ra = plane.shape
+    i0, fi, di = _axis_lookup(u, ra)
+    j0, fj, dj = _axis_lookup(v, rb)
+    # Row-major [R_b*R_a, C] table so each corner is one contiguous C-vector (coalesced on GPU).
+    table = plane.reshape(c, rb * ra).T
+    base = j0 * ra + i0
+    idx = (base, base + 1, base + ra, base + ra + 1)  # (j0,i0) (j0,i1) (j1,i0) (j1,i1)
+    rows = tuple(table.at[k].get(mode="promise_in_bounds") for k in idx)  # indices clamped above
+    return rows, idx, (fi, fj), (di, dj)
+
+
+@jax.custom_vjp
+def sample_plane(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+    """Bilinear sample [N, C] of a plane [C, R_b, R_a] at grid coordinates u (columns) and v (rows), [N].
+
+    align_corners=True (u = -1 -> column 0, u = +1 -> column R_a-1) with border padding (coordinates
+    outside [-1, 1] are clamped). Differentiable w.r.t. the plane values and both coordinates; the
+    coordinate gradient is zero where clamping is active. Needs R_a, R_b >= 2.
+    """
+    return _sample_fwd(plane, u, v)[0]
+
+
+def _sample_fwd(plane, u, v):
+    rows, _, (fi, fj), _ = _corner_rows(plane, u, v)
+    p00, p01, p10, p11 = rows
+    fi, fj = fi[:, None], fj[:, None]
+    out = (1.0 - fj) * ((1.0 - fi) * p00 + fi * p01) + fj * ((1.0 - fi) * p10 + fi * p11)
+    return out, (plane, u, v)  # residuals: no [N, C] tensors, the corners are re-gathered in bwd
+
+
+def _sample_bwd(res, g):
+    plane, u, v = res
+    c, rb, ra = plane.shape
+    (p00, p01, p10, p11), idx, (fi, fj), (di, dj) = _corner_rows(plane, u, v)
+    fi2, fj2 = fi[:, None], fj[:, None]
+    # d out / d frac_i and d out / d frac_j, contracted with the cotangent over channels.
+    d_fi = jnp.sum(g * ((1.0 - fj2) * (p01 - p00) + fj2 * (p11 - p10)), axis=1)
+    d_fj = jnp.sum(g * ((1.0 - fi2) * (p10 - p00) + fi2 * (p11 - p01)), axis=1)
+    weights = ((1.0 - fi) * (1.0 - fj), fi * (1.0 - fj), (1.0 - fi) * fj, fi * fj)
+    table = jnp.zeros((rb * ra, c), plane.dtype)
+    for k, w in zip(idx, weights):  # four scatter-adds into one buffer, no [4N, C] concatenation
+        table = table.at[k].add(g * w[:, None], mode="promise_in_bounds")
+    d_plane = table.T.reshape(c, rb, ra)
+    return d_plane, (d_fi * di).astype(u.dtype), (d_fj * dj).astype(v.dtype)
+
+
+sample_plane.defvjp(_sample_fwd, _sample_bwd)
+
+
+def _validated_sample(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+    if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
+        raise ValueError(f"sample_plane: plane must be [C, R_b>=2, R_a>=2], got {plane.shape}")
+    if u.shape != v.shape or u.ndim != 1:
+        raise ValueError(f"sample_plane: u and v must both be [N], got {u.shape} and {v.shape}")
+    return sample_plane(plane, u, v)
+
+
+# ------------------------------------------------------------------------------------ features
+def level_features(planes: Sequence[jax.Array], coords: jax.Array) -> jax.Array:
+    """Element-wise product of the 6 plane samples of one level: [N, C] from coords [N, 4]."""
+    feat = None
+    for plane, (a, b) in zip(planes, PLANE_PAIRS):
+        s = _validated_sample(plane, coords[:, a], coords[:, b])
+        feat = s if feat is None else feat * s
+    return feat
+
+
+def hexplane_features(grid_params: Sequence[Sequence[jax.Array]], xyz: jax.Array, t, *, bounds: float = 1.6,
+                      time_mapping: str = "reference", remat: bool = False) -> jax.Array:
+    """HexPlane feature f(xyz, t): [N, n_levels * C] (128 for the defaults).
+
+    Args:
+      grid_params: [levels][6] planes [C, R_b, R_a] (see module docstring).
+      xyz: [N, 3] world positions (the canonical Gaussian centres).
+      t: [] or [N] normalised time (seconds / scan length); differentiable (period learning).
+      bounds: half-size of the field's box in world units (reference 1.6).
+      time_mapping: "reference" (g_t = t) or "full" (g_t = 2t - 1).
+      remat: recompute each level's 6 samples in the backward pass instead of keeping them
+        (saves 6 [N, C] float32 arrays per level at the cost of re-gathering).
+    """
+    coords = normalise_coords(xyz, t, bounds, time_mapping)
+    fn = jax.checkpoint(level_features) if remat else level_features
+    return jnp.concatenate([fn(list(level), coords) for level in _check_grid(grid_params)], axis=1)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _check_sizes(resolution, multires, features):
+    if len(resolution) != 4 or any(int(r) < 2 for r in resolution):
+        raise ValueError(f"HexPlane resolution must be 4 ints >= 2 (x, y, z, t), got {tuple(resolution)}")
+    if len(multires) < 1 or any(int(m) < 1 for m in multires):
+        raise ValueError(f"HexPlane multires must be a non-empty list of ints >= 1, got {tuple(multires)}")
+    if int(features) < 1:
+        raise ValueError(f"HexPlane features must be >= 1, got {features}")
+
+
+def _check_grid(grid_params):
+    if len(grid_params) < 1:
+        raise ValueError("HexPlane grid: expected a non-empty list of levels")
+    for i, level in enumerate(grid_params):
+        if len(level) != 6:
+            raise ValueError(f"HexPlane grid: level {i} has {len(level)} planes, expected 6 (xy, xz, xt, yz, yt, zt)")
+    return grid_params
