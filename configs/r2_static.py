@@ -2,6 +2,7 @@
 
   python train.py --config=configs/r2_static.py --workdir=runs/r2 --config.data.path=case.pickle
   python train.py --config=configs/r2_static.py:demo --workdir=runs/r2_demo   # CPU, a few minutes
+  python train.py --config=configs/r2_static.py:tiny --workdir=/tmp/r2_tiny     # smoke test, seconds
 
 With no data path, a static phantom case (128^3 GT, 256^2 detector, 50 noiseless views over 360 deg) is
 generated once and cached.
@@ -26,6 +27,19 @@ def get_config(arg=None):
         c.densify.from_iter = 100
         c.eval.iterations = (1, 300, 600)
         c.checkpoint.every = 300
+    elif arg == "tiny":  # smoke tests: seconds on a CPU
+        c.data.phantom.update(dict(size=24, detector=32, views=24, val_views=4))
+        c.data.init.n_points = 1500
+        c.train.iterations = 20
+        c.train.coarse_iterations = 20
+        c.densify.from_iter = 5
+        c.densify.interval = 5
+        c.densify.until_iter = 16
+        c.loss.tv_vol_size = 8
+        c.eval.iterations = (20,)
+        c.checkpoint.every = 10
+        c.log.every = 1
+        c.log.tensorboard = False
     elif arg:
-        raise ValueError(f"configs/r2_static.py: unknown variant {arg!r} (known: demo)")
+        raise ValueError(f"configs/r2_static.py: unknown variant {arg!r} (known: demo, tiny)")
     return c

@@ -1,0 +1,406 @@
+"""The training loop behind `train.py`: data, initialisation, stages, densification, evaluation,
+logging and checkpoints. The per-iteration math is the jitted step of `train_step.py`.
+
+Run directory layout:
+  config.json          the resolved config
+  metrics.jsonl        one JSON record per logged iteration / evaluation
+  checkpoints/<step>/  orbax full-state checkpoints (exact continuation)
+  export/              inference export (Gaussians, field, period, config, scanner)
+  volume.npy, volume.nii.gz (static) or volumes/ (4D)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from x2gs_jax import evaluation as E
+from x2gs_jax.checkpoint import Checkpointer
+from x2gs_jax.data.naf import Case, init_path, load_case
+from x2gs_jax.densify import DensifyStats, densify_and_prune, required_capacity
+from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, write_nifti
+from x2gs_jax.gaussians import Gaussians, grow, load_init_points, next_capacity
+from x2gs_jax.optim import group_specs_from_config, make_optimizer
+from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, param_labels, params_from_gaussians
+from x2gs_jax.train_step import StaticModel, StepSettings, is_densify_iteration, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- data
+def resolve_case_path(config: ml_collections.ConfigDict) -> str:
+    """The case to train on: config.data.path, or the embedded phantom (generated once and cached)."""
+    if config.data.path:
+        if not os.path.exists(config.data.path):
+            raise FileNotFoundError(f"config.data.path: no such file {config.data.path!r}")
+        return config.data.path
+    from x2gs_jax.data.generate import generate_case
+
+    p = config.data.phantom
+    cache = config.data.cache_dir or os.environ.get("X2GS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "x2gs_jax")
+    name = f"phantom_{p.breathing}_s{p.size}_d{p.detector}_v{p.views}_val{p.val_views}_n{p.noise:g}_T{p.period_s:g}_seed{p.seed}"
+    path = os.path.join(cache, name.replace(".", "p") + ".pickle")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        print(f"generating the embedded phantom case once: {path}")
+        generate_case(path, size=p.size, detector=p.detector, views=p.views, val_views=p.val_views,
+                      noise=p.noise, period=p.period_s, static=(p.breathing == "static"),
+                      irregular=(p.breathing == "irregular"), seed=p.seed, preview=False)
+    return path
+
+
+def initial_points(case_path: str, case: Case, config) -> np.ndarray:
+    """init_<stem>.npy beside the pickle when present (X2GS ships them), else our FDK init writes it."""
+    path = init_path(case_path)
+    if not os.path.exists(path):
+        from x2gs_jax.ct.init_pcd import init_points
+
+        c = config.data.init
+        pts = init_points(case, n_points=c.n_points, density_thresh=c.density_thresh,
+                          density_rescale=c.density_rescale, method=c.method, seed=c.seed)
+        atomic_save_npy(path, pts)
+        print(f"wrote initial point cloud {path} ({len(pts)} points)")
+    return load_init_points(path)
+
+
+def scale_bound_from_config(config, scanner) -> Optional[tuple]:
+    V = max(scanner.s_voxel)
+    if config.model.scale_min > 0 and config.model.scale_max > 0:
+        return (config.model.scale_min * V, config.model.scale_max * V)
+    return None
+
+
+# ------------------------------------------------------------------------------------ the state
+def init_state(config, case: Case, points: np.ndarray, model) -> TrainState:
+    scale_bound = scale_bound_from_config(config, case.scanner)
+    capacity = int(np.ceil(len(points) * config.model.initial_capacity_factor))
+    g = Gaussians.from_point_cloud(points, capacity=capacity, scale_bound=scale_bound)
+    params = params_from_gaussians(g)
+    key = jax.random.PRNGKey(config.seed)
+    params.update(model.init_params(jax.random.fold_in(key, 1), case) if hasattr(model, "init_params") else {})
+    optimizer = build_optimizer(config, params)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, active=g.active, opt_state=optimizer.init(params),
+                      stats=DensifyStats.zeros(capacity), key=key, scale_bound=scale_bound)
+
+
+def build_optimizer(config, params):
+    specs = group_specs_from_config(config.optim.lr.to_dict(), config.optim.controls.to_dict())
+    return make_optimizer(specs, param_labels(params))
+
+
+def per_gaussian_opt_rows(opt_state):
+    """{group: (mu, nu)} rows of the Gaussian groups' Adam state (leading axis = capacity)."""
+    return {k: (opt_state.inner_states[k].inner_state.mu[k], opt_state.inner_states[k].inner_state.nu[k])
+            for k in GAUSSIAN_KEYS}
+
+
+def with_per_gaussian_opt_rows(opt_state, rows):
+    inner = dict(opt_state.inner_states)
+    for k, (mu, nu) in rows.items():
+        masked = inner[k]
+        st = masked.inner_state
+        st = st._replace(mu={**st.mu, k: mu}, nu={**st.nu, k: nu})
+        inner[k] = masked._replace(inner_state=st)
+    return type(opt_state)(inner)
+
+
+def grow_state(state: TrainState, new_capacity: int) -> TrainState:
+    """Re-allocate every per-Gaussian buffer to `new_capacity` (outside jit), carrying Adam moments."""
+    old = state.capacity
+    g = grow(state.gaussians(), new_capacity, old)
+    params = dict(state.params)
+    params.update(params_from_gaussians(g))
+    rows = grow(per_gaussian_opt_rows(state.opt_state), new_capacity, old)
+    opt_state = with_per_gaussian_opt_rows(state.opt_state, rows)
+    return state.replace(params=params, active=g.active, opt_state=opt_state,
+                         stats=grow(state.stats, new_capacity, old))
+
+
+def densify_step(state: TrainState, config, scanner, it: int) -> tuple[TrainState, dict]:
+    """Densify and prune between steps (gaussians.md §6), growing buffers first when needed."""
+    d = config.densify
+    V = max(scanner.s_voxel)
+    lo, hi = scanner.bbox
+    kwargs = dict(grad_threshold=d.grad_threshold, scale_threshold=d.scale_threshold * V,
+                  max_num_gaussians=d.max_num_gaussians)
+    needed = int(required_capacity(state.gaussians(), state.stats, **kwargs))
+    if needed > state.capacity:
+        state = grow_state(state, next_capacity(needed, state.capacity))
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 0x5EED), it)
+    g, stats, rows, info = _densify_jit(state.gaussians(), state.stats, key, per_gaussian_opt_rows(state.opt_state),
+                                        tuple(lo), tuple(hi), d.density_min, tuple(sorted(kwargs.items())))
+    params = dict(state.params)
+    params.update(params_from_gaussians(g))
+    state = state.replace(params=params, active=g.active, stats=stats,
+                          opt_state=with_per_gaussian_opt_rows(state.opt_state, rows))
+    return state, {k: (int(v) if np.ndim(v) == 0 else v) for k, v in info.items()}
+
+
+def _densify_impl(g, stats, key, rows, lo, hi, density_min, kw):
+    return densify_and_prune(g, stats, key, density_min=density_min, bbox_min=jnp.asarray(lo),
+                             bbox_max=jnp.asarray(hi), per_gaussian=rows, **dict(kw))
+
+
+_densify_jit = jax.jit(_densify_impl, static_argnums=(4, 5, 6, 7))
+
+
+# ------------------------------------------------------------------------------------- the loop
+class RunLogger:
+    """metrics.jsonl (+ TensorBoard events when tensorboardX is available)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, step: int, record: dict, prefix: str = "train"):
+        rec = {"step": int(step), "kind": prefix}
+        for k, v in record.items():
+            if isinstance(v, (list, tuple)):
+                rec[k] = [float(x) for x in v]
+            else:
+                rec[k] = float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, float):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def view_index(iteration: int, stage_start: int, n_views: int, seed: int) -> int:
+    """Epoch-wise sampling without replacement (the reference's popped stack), as a pure function of the
+    iteration so that a resumed run draws exactly the same views: iteration i of a stage that started at
+    `stage_start` uses permutation(epoch) at position (i - stage_start) mod n."""
+    k = iteration - stage_start
+    epoch, pos = divmod(k, n_views)
+    perm = np.random.default_rng([seed, stage_start, epoch]).permutation(n_views)
+    return int(perm[pos])
+
+
+
+
+# --------------------------------------------------------------------------------- orchestration
+class TrainData:
+    """Device-resident training data: scene-scaled projections, stacked cameras, times."""
+
+    def __init__(self, case: Case):
+        sc = case.scanner
+        self.scanner = sc
+        self.n_train = len(case.train)
+        self.images = jnp.asarray(case.train.projections * sc.scene_scale, jnp.float32)
+        self.cameras = jax.vmap(sc.camera)(jnp.asarray(case.train.angles, jnp.float32))
+        times = case.train.times if case.train.times is not None else np.zeros(self.n_train)
+        self.times = jnp.asarray(times, jnp.float32)
+
+    def batch(self, indices) -> dict:
+        idx = jnp.asarray(indices, jnp.int32)
+        return {"image": self.images[idx], "camera": jax.tree.map(lambda x: x[idx], self.cameras),
+                "time": self.times[idx]}
+
+
+def step_settings(config, scanner, stage: str, max_pairs) -> StepSettings:
+    lo, hi = scanner.bbox
+    d = config.densify
+    stage_end = config.train.coarse_iterations if stage == "coarse" else config.train.iterations
+    return StepSettings(
+        stage=stage, stage_end=int(stage_end), backend=config.render.backend, max_pairs=max_pairs,
+        lambda_dssim=config.loss.lambda_dssim, lambda_tv=config.loss.lambda_tv, tv_n=config.loss.tv_vol_size,
+        tv_size=tuple(float(config.loss.tv_vol_size * h) for h in scanner.d_voxel),
+        tv_culling=config.loss.tv_culling, tv_mean_grad=config.loss.tv_mean_grad,
+        bbox_min=tuple(float(x) for x in lo), bbox_max=tuple(float(x) for x in hi),
+        densify_interval=d.interval, densify_from=d.from_iter, densify_until=d.until_iter,
+        densify_enabled=bool(d.enabled), scale_bound=scale_bound_from_config(config, scanner))
+
+
+def make_model(config, case: Case):
+    if config.model.kind == "static":
+        return StaticModel()
+    from x2gs_jax.model4d import make_dynamic_model  # the 4D model (X2-Gaussian)
+
+    return make_dynamic_model(config, case)
+
+
+def evaluate(state: TrainState, model, case: Case, config, stage: str) -> dict:
+    """Volume metrics (per phase for 4D) and 2D metrics on the val projections."""
+    sc = case.scanner
+    settings = step_settings(config, sc, stage, None)
+    params, active = state.params, state.active
+
+    def gaussians_at(t):
+        canonical = state.gaussians()
+        g, _ = model.gaussians_at(params, canonical, t, jax.random.PRNGKey(0), settings)
+        return g
+
+    grid = E.full_grid(sc)
+    times = model.eval_times(case) if case.is_4d else [0.0]
+    vols = E.query_volumes(gaussians_at, times, grid, backend=config.render.backend)
+    report = E.volume_report(case.volumes, vols if case.is_4d else vols[0])
+    n_val = min(len(case.val), config.eval.max_val_views)
+    if n_val > 0:
+        cams = jax.vmap(sc.camera)(jnp.asarray(case.val.angles[:n_val], jnp.float32))
+        vt = case.val.times[:n_val] if case.val.times is not None else np.zeros(n_val)
+        pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend)
+        report.update(E.projection_report(case.val.projections[:n_val] * sc.scene_scale, pred))
+    report["volumes"] = vols
+    return report
+
+
+def save_outputs(workdir: str, report: dict, case: Case) -> None:
+    from x2gs_jax.fileio import nifti_frame_mm
+
+    vols = report["volumes"]
+    spacing, origin = nifti_frame_mm(case.scanner)
+    if case.is_4d:
+        os.makedirs(os.path.join(workdir, "volumes"), exist_ok=True)
+        for k, v in enumerate(vols):
+            atomic_save_npy(os.path.join(workdir, "volumes", f"vol_pred_T{k}.npy"), v)
+            write_nifti(os.path.join(workdir, "volumes", f"vol_pred_T{k}.nii.gz"), v, spacing, origin)
+    else:
+        atomic_save_npy(os.path.join(workdir, "volume.npy"), vols[0])
+        write_nifti(os.path.join(workdir, "volume.nii.gz"), vols[0], spacing, origin)
+
+
+def checkpoint_meta(state: TrainState, config, stage: str) -> dict:
+    return {"capacity": state.capacity, "step": int(state.step), "stage": stage, "config": config.to_json()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) training as configured; returns the final evaluation report (without volumes)."""
+    os.makedirs(workdir, exist_ok=True)
+    case_path = resolve_case_path(config)
+    case = load_case(case_path)
+    model = make_model(config, case)
+    points = initial_points(case_path, case, config)
+    data = TrainData(case)
+    sc = case.scanner
+    atomic_write_bytes(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2).encode())
+
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
+    resume_dir = config.resume
+    template = lambda meta: _template_state(config, case, points, model, meta)
+    if resume_dir:
+        src = ckpt if os.path.abspath(resume_dir) == os.path.abspath(workdir) else Checkpointer(resume_dir)
+        state, meta = src.restore(template)
+        print(f"resumed from {src.directory} at step {int(state.step)}")
+    else:
+        state = init_state(config, case, points, model)
+    logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
+
+    total = int(config.train.iterations)
+    coarse_end = min(int(config.train.coarse_iterations), total)
+    max_pairs = None  # exact (dynamic) for the reference backend; static capacity grows on overflow
+    steps = {}
+    last_report = {}
+    report = {}
+    bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True)
+    try:
+        while int(state.step) < total:
+            it = int(state.step) + 1
+            stage = "coarse" if it <= coarse_end else "fine"
+            if stage == "fine" and it == coarse_end + 1:
+                # Stage switch (x2gaussian.md §9): fresh optimiser and accumulators, global LR schedule kept.
+                state = state.replace(opt_state=build_optimizer(config, state.params).init(state.params),
+                                      stats=DensifyStats.zeros(state.capacity))
+            stage_start = 1 if stage == "coarse" else coarse_end + 1
+            key_sig = (stage, state.capacity, max_pairs)
+            if key_sig not in steps:
+                settings = step_settings(config, sc, stage, max_pairs)
+                opt = build_optimizer(config, state.params)
+                steps[key_sig] = jax.jit(make_train_step(model, settings, opt), donate_argnums=0)
+            V = int(config.train.views_per_step)
+            views = [view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed) for j in range(V)]
+            key = jax.random.fold_in(state.key, it)
+            t0 = time.perf_counter()
+            state, metrics = steps[key_sig](state, data.batch(views), key)
+            if bool(metrics["overflow"]):
+                max_pairs = None if max_pairs is None else 2 * max_pairs
+                continue
+            if not bool(metrics["finite"]):
+                bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(float(v))]
+                raise NonFiniteLossError(f"non-finite loss at iteration {it}: terms {bad}; the last good checkpoint "
+                                         f"is kept in {ckpt.directory}")
+            dt = time.perf_counter() - t0
+            if it % config.log.every == 0 or it == 1:
+                rec = {k: float(v) for k, v in metrics.items() if k not in ("overflow", "finite")}
+                rec["step_time_s"] = dt
+                logger.write(it, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
+            settings_now = step_settings(config, sc, stage, max_pairs)
+            if is_densify_iteration(it, settings_now):
+                state, info = densify_step(state, config, sc, it)
+                if bool(info.get("overflow", False)):
+                    raise RuntimeError(f"densification overflow at iteration {it}: {info}")
+                if int(info["num_active"]) == 0:
+                    raise RuntimeError(f"no Gaussians left after densify/prune at iteration {it}")
+            if it in tuple(config.eval.iterations) or it == total:
+                report = evaluate(state, model, case, config, stage)
+                vols = report.pop("volumes")
+                logger.write(it, report, prefix="eval")
+                last_report = {"psnr3d": f"{report['psnr_3d_mean']:.2f}"}
+                if it == total:
+                    save_outputs(workdir, {**report, "volumes": vols}, case)
+            if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
+                ckpt.save(it, state, checkpoint_meta(state, config, stage))
+            bar.update(1)
+    finally:
+        bar.close()
+        logger.close()
+    export_inference(workdir, state, config, case)
+    return report
+
+
+def _template_state(config, case, points, model, meta) -> TrainState:
+    state = init_state(config, case, points, model)
+    if meta["capacity"] != state.capacity:
+        state = grow_state(state, int(meta["capacity"])) if meta["capacity"] > state.capacity else \
+            _shrink_template(state, int(meta["capacity"]))
+    return state
+
+
+def _shrink_template(state: TrainState, capacity: int) -> TrainState:
+    cut = lambda x: x[:capacity] if getattr(x, "ndim", 0) >= 1 and x.shape[0] == state.capacity else x
+    return jax.tree.map(cut, state)
+
+
+def export_inference(workdir: str, state: TrainState, config, case: Case) -> None:
+    """A small inference export: raw Gaussian parameters + active mask, field params, config, scanner."""
+    out = os.path.join(workdir, "export")
+    os.makedirs(out, exist_ok=True)
+    flat = {"active": np.asarray(state.active)}
+    for k in GAUSSIAN_KEYS:
+        flat[k] = np.asarray(state.params[k])
+    if "period" in state.params:
+        flat["period"] = np.asarray(state.params["period"])
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    atomic_write_bytes(os.path.join(out, "gaussians.npz"), buf.getvalue())
+    if "field" in state.params:
+        import orbax.checkpoint as ocp
+
+        ocp.StandardCheckpointer().save(os.path.abspath(os.path.join(out, "field")), state.params["field"], force=True)
+    meta = {"config": json.loads(config.to_json_best_effort()), "scanner": {k: (v.tolist() if hasattr(v, "tolist") else v)
+            for k, v in case.scanner.to_naf().items()}, "scene_scale": case.scanner.scene_scale,
+            "step": int(state.step), "scale_bound": state.scale_bound}
+    atomic_write_bytes(os.path.join(out, "meta.json"), json.dumps(meta, indent=2).encode())

@@ -1,0 +1,155 @@
+"""One jit-compiled, pure training step: (state, batch, key) -> (state, metrics).
+
+The step renders every view of the batch (leading view axis V, default 1 as the reference), computes
+the losses of gaussians.md §5 (+ the 4D terms of x2gaussian.md §8 supplied by the model), takes one
+gated optimiser step and accumulates the densification statistics. Densify/prune itself runs between
+steps (it may change buffer capacities, which happens outside jit).
+
+Iteration numbering follows the reference: the step performs iteration `it = state.step + 1` (1-based).
+Gates (x2gaussian.md §9): Gaussian attributes are not updated on a densify iteration; no group steps on
+the last iteration of a stage; the model decides when its own groups (field, period) start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from x2gs_jax import losses
+from x2gs_jax.densify import accumulate
+from x2gs_jax.render import Grid, rasterize, voxelize
+from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of a step function (hashable; a change re-traces)."""
+
+    stage: str  # "coarse" (static Gaussians) or "fine" (deformed)
+    stage_end: int  # last iteration of the stage (no optimiser step there, as the reference)
+    backend: str
+    max_pairs: Optional[int]  # rasterizer (Gaussian, tile) pair capacity per view
+    lambda_dssim: float
+    lambda_tv: float
+    tv_n: int
+    tv_size: tuple  # world units, = tv_n * dVoxel
+    tv_culling: str
+    tv_mean_grad: str
+    bbox_min: tuple
+    bbox_max: tuple
+    densify_interval: int
+    densify_from: int
+    densify_until: int
+    densify_enabled: bool = True
+    scale_bound: Optional[tuple] = None  # (s_min, s_max) world units, or None for exp scales
+
+
+def is_densify_iteration(it, s: StepSettings):
+    """Reference rule: from < it < until and it % interval == 0 (works on ints and traced ints)."""
+    if not s.densify_enabled:
+        return jnp.zeros((), bool) if isinstance(it, jax.Array) else False
+    return (it > s.densify_from) & (it < s.densify_until) & (it % s.densify_interval == 0)
+
+
+class StaticModel:
+    """The coarse stage: canonical Gaussians rendered as they are; no extra parameters or losses."""
+
+    groups: tuple = ()
+
+    def gaussians_at(self, params, canonical, t, key, settings):
+        return canonical, {}
+
+    def extra_losses(self, params, active, batch, key, it, settings, render_fn):
+        return jnp.zeros(()), {}
+
+    def gates(self, it, settings) -> dict:
+        return {}
+
+
+def _render_view(gaussians, camera, ndc_offset, settings: StepSettings):
+    image, aux = rasterize(gaussians, camera, backend=settings.backend, ndc_offset=ndc_offset,
+                           return_aux=True, max_pairs=settings.max_pairs)
+    return image, aux
+
+
+def make_loss_fn(model, settings: StepSettings):
+    """loss(params, ndc_offsets, active, batch, key, it) -> (total, aux)."""
+
+    def loss_fn(params, ndc_offsets, active, batch, key, it):
+        canonical = gaussians_from_params(params, active, settings.scale_bound)
+        key_deform, key_tv, key_extra = jax.random.split(key, 3)
+
+        def one_view(camera, image_gt, t, ndc_offset):
+            g, _ = model.gaussians_at(params, canonical, t, key_deform, settings)
+            image, aux = _render_view(g, camera, ndc_offset, settings)
+            total, terms = losses.render_loss(image, image_gt, settings.lambda_dssim)
+            return total, terms, image, aux
+
+        totals, terms, images, aux = jax.vmap(one_view)(batch["camera"], batch["image"], batch["time"], ndc_offsets)
+        total = jnp.mean(totals)
+        metrics = {f"loss_{k}": jnp.mean(v) for k, v in terms.items()}
+
+        if settings.lambda_tv > 0:
+            # 3D TV on a random 32^3 patch at the first view's time (gaussians.md §5, x2gaussian.md §8).
+            size = jnp.asarray(settings.tv_size, jnp.float32)
+            center = losses.tv_patch_center(key_tv, jnp.asarray(settings.bbox_min), jnp.asarray(settings.bbox_max), size)
+            grid = Grid(n=(settings.tv_n,) * 3, size=size, center=center)
+            g_tv, _ = model.gaussians_at(params, canonical, batch["time"][0], key_deform, settings)
+            vol = voxelize(g_tv, grid, culling=settings.tv_culling, mean_grad=settings.tv_mean_grad,
+                           backend=settings.backend)
+            tv = losses.tv_3d(vol)
+            total = total + settings.lambda_tv * tv
+            metrics["loss_tv"] = tv
+
+        extra, extra_terms = model.extra_losses(params, active, batch, key_extra, it, settings,
+                                                lambda g, cam: _render_view(g, cam, None, settings)[0])
+        total = total + extra
+        metrics.update(extra_terms)
+        metrics["loss"] = total
+        return total, (metrics, images, aux)
+
+    return loss_fn
+
+
+def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTransformationExtraArgs) -> Callable:
+    """Build the pure step (state, batch, key) -> (state, metrics); jit it with donate_argnums=0.
+
+    batch: {"image": [V,H,W] scene-scaled projections, "camera": Camera batched over V, "time": [V]}.
+    If the rasterizer reports a pair-capacity overflow the state is returned unchanged with
+    metrics["overflow"] = True, so the caller can grow the capacity and redo the iteration.
+    """
+    loss_fn = make_loss_fn(model, settings)
+
+    def step(state: TrainState, batch: Mapping[str, Any], key: jax.Array):
+        it = state.step + 1
+        V = batch["image"].shape[0]
+        ndc_offsets = jnp.zeros((V, state.capacity, 2), jnp.float32)
+        (loss, (metrics, images, aux)), (grads, ndc_grads) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(state.params, ndc_offsets, state.active, batch, key, it)
+
+        densify_now = is_densify_iteration(it, settings)
+        not_last = it != settings.stage_end
+        gates = {k: (~densify_now) & not_last for k in GAUSSIAN_KEYS}
+        for name, gate in model.gates(it, settings).items():
+            gates[name] = gate & not_last
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=it, gates=gates)
+        params = optax.apply_updates(state.params, updates)
+
+        stats = state.stats
+        for v in range(V):  # each rendered view counts as one visit (reference: one view per iteration)
+            stats = accumulate(stats, ndc_grads[v], aux.radii[v])
+
+        overflow = jnp.any(aux.overflow)
+        new_state = state.replace(step=it, params=params, opt_state=opt_state, stats=stats)
+        new_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new), new_state, state)
+        metrics = dict(metrics)
+        metrics["overflow"] = overflow
+        metrics["num_gaussians"] = jnp.sum(state.active.astype(jnp.int32))
+        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for k, v in metrics.items()
+                                               if k.startswith("loss")]))
+        return new_state, metrics
+
+    return step
