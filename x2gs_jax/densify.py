@@ -189,7 +189,7 @@ def densify_and_prune(gaussians: Gaussians, stats: DensifyStats, key: jax.Array,
                          f"got {tuple(split_noise.shape)}")
     rot = quaternion_to_rotation(gaussians.get_rotation())  # [C, 3, 3]
     # child = m + R(q) z, z ~ N(0, diag(s^2))
-    child_xyz = gaussians.xyz[None] + jnp.einsum("cij,kcj->kci", rot, split_noise * scale[None])
+    child_xyz = gaussians.xyz[None] + jnp.einsum("cij,kcj->kci", rot, split_noise * scale[None], precision=jax.lax.Precision.HIGHEST)
 
     # -- appended Gaussians: item r (clones by source index, then second split children) -> r-th free slot
     free = ~active

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from x2gs_jax.mathutil import mm
 
 ScaleBound = Optional[tuple]  # (s_min, s_max) in world units, or None for the exp activation
 
@@ -97,7 +98,7 @@ def covariance(scale: jax.Array, rotation: jax.Array) -> jax.Array:
     """World covariance Sigma = R S^2 R^T [..., 3, 3] from scales [..., 3] and quaternions [..., 4]."""
     R = quaternion_to_rotation(rotation)
     M = R * scale[..., None, :]
-    return M @ jnp.swapaxes(M, -1, -2)
+    return mm(M, jnp.swapaxes(M, -1, -2))
 
 
 # ---------------------------------------------------------------------------------- the pytree

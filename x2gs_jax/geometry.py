@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from x2gs_jax.mathutil import apply_rows, mm
 
 # Reference constants (rasterizer.md §2.3, §8).
 ZNEAR = 0.01
@@ -79,8 +80,8 @@ class Camera:
 
         Pixel centres are integers; exactly the reference mapping of rasterizer.md §2.5.
         """
-        h = points @ self.full_projmatrix[:3, :3].T + self.full_projmatrix[:3, 3]
-        hw = points @ self.full_projmatrix[3, :3] + self.full_projmatrix[3, 3]
+        h = apply_rows(points, self.full_projmatrix[:3, :3]) + self.full_projmatrix[:3, 3]
+        hw = jnp.sum(points * self.full_projmatrix[3, :3], axis=-1) + self.full_projmatrix[3, 3]
         ndc = h[..., :2] / (hw[..., None] + 1e-7)
         size = jnp.array([self.width, self.height], dtype=ndc.dtype)
         return ((ndc + 1.0) * size - 1.0) / 2.0
@@ -231,7 +232,7 @@ class Scanner:
         """The reference camera for a gantry angle (radians); `jax.vmap(scanner.camera)(angles)` batches."""
         source, right, down, fwd = self.frame(angle)
         rot_w2c = jnp.stack([right, down, fwd], axis=0)  # rows = camera axes in world coords
-        trans = -rot_w2c @ source
+        trans = -apply_rows(source, rot_w2c)
         view = jnp.eye(4, dtype=jnp.float32).at[:3, :3].set(rot_w2c).at[:3, 3].set(trans)
         H, W = self.n_detector
         if self.mode == "cone":
@@ -257,7 +258,7 @@ class Scanner:
         return Camera(
             viewmatrix=view,
             projmatrix=proj,
-            full_projmatrix=proj @ view,
+            full_projmatrix=mm(proj, view),
             tanfovx=jnp.float32(tanx),
             tanfovy=jnp.float32(tany),
             focal_x=jnp.float32(W / (2.0 * tanx)),

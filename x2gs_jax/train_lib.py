@@ -339,6 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(float(v))]
                 raise NonFiniteLossError(f"non-finite loss at iteration {it}: terms {bad}; the last good checkpoint "
                                          f"is kept in {ckpt.directory}")
+            if "period_shift_valid" in metrics and not bool(metrics["period_shift_valid"]):
+                raise ValueError(f"iteration {it}: the learned period {float(metrics['period_s']):.3f} s leaves no "
+                                 f"periodic shift inside the {config.data.scan_s} s scan (T must be < scan/2)")
             dt = time.perf_counter() - t0
             if it % config.log.every == 0 or it == 1:
                 rec = {k: float(v) for k, v in metrics.items() if k not in ("overflow", "finite")}
@@ -399,7 +402,8 @@ def export_inference(workdir: str, state: TrainState, config, case: Case) -> Non
     if "field" in state.params:
         import orbax.checkpoint as ocp
 
-        ocp.StandardCheckpointer().save(os.path.abspath(os.path.join(out, "field")), state.params["field"], force=True)
+        with ocp.StandardCheckpointer() as ckptr:  # context: waits for the async write to finish
+            ckptr.save(os.path.abspath(os.path.join(out, "field")), state.params["field"], force=True)
     meta = {"config": json.loads(config.to_json_best_effort()), "scanner": {k: (v.tolist() if hasattr(v, "tolist") else v)
             for k, v in case.scanner.to_naf().items()}, "scene_scale": case.scanner.scene_scale,
             "step": int(state.step), "scale_bound": state.scale_bound}

@@ -114,7 +114,7 @@ def _march(volume: jax.Array, origins: jax.Array, dirs: jax.Array, scanner: Scan
     vals = sample_trilinear(volume, pts, lo, scanner.d_voxel)
     # Sum over samples as a matrix-vector product: XLA:CPU fusing the 8 gathers into a reduce is ~7x
     # slower than materialising the samples and calling gemv (measured); on GPU both are cheap.
-    return (vals @ jnp.ones((n_samples,), vals.dtype)) * step
+    return jnp.matmul(vals, jnp.ones((n_samples,), vals.dtype), precision=jax.lax.Precision.HIGHEST) * step
 
 
 @functools.partial(jax.jit, static_argnames=("scanner", "accuracy", "max_samples_per_chunk"))

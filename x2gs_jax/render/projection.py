@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from x2gs_jax.gaussians import covariance
+from x2gs_jax.mathutil import apply_rows, mm
 
 # Reference constants (rasterizer.md §8).
 TILE = 16  # raster tile edge, pixels
@@ -68,7 +69,7 @@ def project_centres(means: jax.Array, full_projmatrix: jax.Array, width: int, he
     `hw_ok` [C] bool marks points whose w may be divided by; others use w = 1 so that culled Gaussians
     (w ≈ −1e-7) cannot make NaN/inf gradients.
     """
-    h = means @ full_projmatrix[:, :3].T + full_projmatrix[:, 3]
+    h = apply_rows(means, full_projmatrix[:, :3]) + full_projmatrix[:, 3]
     hw = h[:, 3]
     if hw_ok is not None:
         hw = jnp.where(hw_ok, hw, 1.0)
@@ -126,8 +127,8 @@ def ray_jacobian(t: jax.Array, focal_x, focal_y, tanfovx, tanfovy, mode: str,
 
 def ray_space_covariance(cov3d: jax.Array, jac: jax.Array, view_rot: jax.Array) -> jax.Array:
     """Σ' = T Σ Tᵀ with T = J R_v, returned as its six entries (a, b, c, d, e, f) [C, 6] (rasterizer.md §4.4)."""
-    T = jac @ view_rot
-    s = T @ cov3d @ jnp.swapaxes(T, -1, -2)
+    T = mm(jac, view_rot)
+    s = mm(mm(T, cov3d), jnp.swapaxes(T, -1, -2))
     return jnp.stack([s[:, 0, 0], s[:, 0, 1], s[:, 0, 2], s[:, 1, 1], s[:, 1, 2], s[:, 2, 2]], axis=-1)
 
 
@@ -253,7 +254,7 @@ def preprocess(means: jax.Array, scales: jax.Array, rotations: jax.Array, camera
     view = camera.viewmatrix
     view_rot = view[:3, :3]
 
-    t = means @ view_rot.T + view[:3, 3]
+    t = apply_rows(means, view_rot) + view[:3, 3]
     in_front = t[:, 2] > NEAR_PLANE
     # Culled points get a harmless depth so J (1/t_z) stays finite and their (zero) cotangents stay zero.
     t_safe = jnp.where(in_front[:, None], t, jnp.array([0.0, 0.0, 1.0], t.dtype))

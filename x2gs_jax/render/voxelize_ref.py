@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2gs_jax.gaussians import covariance
+from x2gs_jax.mathutil import mm
 
 # Reference constants (rasterizer.md §8).
 TILE = 8  # voxel tile edge of the reference kernel
@@ -282,7 +283,7 @@ def voxelize_reference(means, scales, rotations, densities, size, center, *, n: 
         # Q = cof / det  =>  dL/dSigma_v = -cof G_Q cof / det^2, with the reference's guard on 1/det^2.
         cof = _full(st.cof)
         inv_det2 = 1.0 / (st.det * st.det + DET_EPS)
-        g_cov_v = -(cof @ g_q @ cof) * inv_det2[:, None, None]
+        g_cov_v = -mm(mm(cof, g_q), cof) * inv_det2[:, None, None]
         g_cov = g_cov_v / (h[:, None] * h[None, :])  # Sigma_v = H^-1 Sigma H^-1
         _, cov_vjp = jax.vjp(covariance, s, r)
         d_s, d_r = cov_vjp(g_cov)

@@ -1,0 +1,188 @@
+"""Triton backend of the voxelizer (rasterizer.md §7): `voxelize_points`.
+
+Pipeline (a batch of Gaussian states under vmap is folded into one launch of each kernel):
+  1. `x2gs_jax.render.voxelize_ref.gaussian_setup` (JAX): centre v and Q = Σ_v⁻¹ in voxel units, the reference
+     culling ("extent" / "center"), the reference 8³ tile box intersected with the box of {ρ exp(E) ≥ 1e-6}
+     (outside it every voxel is skipped by the threshold anyway). Culled, zero-density (inactive) and
+     below-threshold Gaussians get an empty box: no pairs, no cost.
+  2. `kernels.binning.bin_tiles` groups (Gaussian, 8³ tile) pairs by tile (Triton count → scan → fill).
+  3. `voxel_fwd_kernel`: one program per (tile, batch row) sums its pairs over the tile's 512 voxels.
+  4. Backward (`jax.custom_vjp`): `voxel_bwd_kernel` reduces each pair to ten moments, added atomically per
+     Gaussian; §7.4's chain (Q → Σ_v with the 1/(det² + 1e-7) guard → Σ → (s, q); v → m with the "true" or
+     the reference's h²-scaled mean gradient) runs in JAX, as in the reference path.
+
+Exact (no pair is ever dropped): a tile whose pairs did not fit into the static pair buffer tests every
+Gaussian's tile box instead of its pair list (slow, rare with the default capacity). No host synchronisation.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kernels._launch import launch, merge_batch, on_gpu
+from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
+from x2gs_jax.gaussians import covariance
+from x2gs_jax.render import voxelize_ref as vr
+from x2gs_jax.render.voxelize import CULLING_MODES, MEAN_GRAD_MODES
+
+VTILE = 8  # voxel tile edge (the reference's)
+# Launch shapes (profile-tuned on an H200, see bench/README.md).
+BLOCK_G = 8  # forward: [8 pairs, 512 voxels] float32 per temporary
+NUM_WARPS = 4
+BLOCK_G_BWD = 8  # backward: [512 voxels, 8 pairs]
+NUM_WARPS_BWD = 4
+PAIRS_PER_GAUSSIAN = 32  # default pair buffer: this many 8³ tiles per Gaussian (beyond: exact slow fallback)
+
+
+class _Static(NamedTuple):
+    n: tuple  # (nx, ny, nz)
+    culling: str
+    mean_grad: str
+    capacity: int
+    poison: bool
+
+
+def _tiles(n: tuple) -> tuple:
+    return tuple(-(-int(a) // VTILE) for a in n)
+
+
+# ------------------------------------------------------------------------------------------- batched ops
+def _render_op(st: _Static, c: int):
+    """(params [B,C,12], box [B,C,8], tstart, gids, init [B,nx,ny,nz]) → volume [B,nx,ny,nz]."""
+    from kernels import voxel_kernels as vk  # lazy: imports triton
+
+    ga, gb, gc = _tiles(st.n)
+    n_tiles = ga * gb * gc
+
+    def run(params, box, tstart, gids, init):
+        b = params.shape[0]
+        (vol,) = launch(vk.voxel_fwd_kernel, (n_tiles, b), [jax.ShapeDtypeStruct((b,) + st.n, jnp.float32)],
+                        params, box, tstart, gids, init, aliases={4: 0}, num_warps=NUM_WARPS,
+                        C=c, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2], P=st.capacity,
+                        BLOCK_G=BLOCK_G, SUB=SUB, INTERP=not on_gpu())
+        return vol
+
+    return merge_batch(run)
+
+
+def _moments_op(st: _Static, c: int):
+    """(params, box, tstart, gids, cotangent [B,nx,ny,nz]) → moments [B,C,16] (ten used) of §7.4."""
+    from kernels import voxel_kernels as vk  # lazy: imports triton
+
+    ga, gb, gc = _tiles(st.n)
+    n_tiles = ga * gb * gc
+
+    def run(params, box, tstart, gids, cot):
+        b = params.shape[0]
+        (mom,) = launch(vk.voxel_bwd_kernel, (n_tiles, b), [jax.ShapeDtypeStruct((b, c, 16), jnp.float32)],
+                        params, box, tstart, gids, cot, zeroed=(0,), num_warps=NUM_WARPS_BWD,
+                        C=c, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2], P=st.capacity,
+                        BLOCK_G=BLOCK_G_BWD, SUB=SUB, INTERP=not on_gpu())
+        return mom
+
+    return merge_batch(run)
+
+
+# ------------------------------------------------------------------------------------------- setup
+def _setup(st: _Static, means, scales, rotations, densities, size, center):
+    """Reference geometry and culling, kernel records and tile boxes.
+
+    Returns (setup, params [C, 12], box [C, 8] int32)."""
+    with jax.default_matmul_precision("highest"):  # GPU f32 dots default to TF32 (see kernels/rasterize.py)
+        s = vr.gaussian_setup(means, scales, rotations, densities, size, center, st.n, st.culling)
+    zero = jnp.zeros_like(s.rho)
+    params = jnp.concatenate([s.v, s.q, s.rho[:, None], zero[:, None], zero[:, None]], axis=-1)
+    # gaussian_setup's 4³-block range lies inside the reference's 8³ tile box; round it out to 8³ tiles.
+    ratio = VTILE // vr.BLOCK
+    lo = s.block_lo // ratio
+    hi = (s.block_lo + s.block_cnt + ratio - 1) // ratio
+    keep = jnp.all(s.block_cnt > 0, axis=-1)
+    zi = jnp.zeros_like(lo[:, :2])
+    box = empty_boxes(jnp.concatenate([lo, hi, zi], axis=-1).astype(jnp.int32), keep)
+    return s, params, box
+
+
+def _forward(st: _Static, means, scales, rotations, densities, size, center):
+    c = means.shape[0]
+    s, params, box = _setup(st, means, scales, rotations, densities, size, center)
+    params, box = params[None], box[None]
+    tstart, gids = bin_tiles(box, tile_grid=_tiles(st.n), capacity=st.capacity)
+    init = jnp.full((1,) + st.n, jnp.nan if st.poison else 0.0, jnp.float32)
+    vol = _render_op(st, c)(params, box, tstart, gids, init)
+    return vol[0], (s, params, box, tstart, gids)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _voxelize(st: _Static, means, scales, rotations, densities, size, center):
+    return _forward(st, means, scales, rotations, densities, size, center)[0]
+
+
+def _voxelize_fwd(st, means, scales, rotations, densities, size, center):
+    vol, res = _forward(st, means, scales, rotations, densities, size, center)
+    return vol, (res, scales, rotations, size, center)
+
+
+def _voxelize_bwd(st, res, cot):
+    (s, params, box, tstart, gids), scales, rotations, size, center = res
+    mom = _moments_op(st, params.shape[1])(params, box, tstart, gids, cot.astype(jnp.float32)[None])[0]
+    s0 = mom[:, 0]
+    s1 = mom[:, 1:4]  # Σ Gg δ
+    s2 = mom[:, 4:10]  # Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz)
+    rho = s.rho
+    # §7.4: ∂L/∂Q_aa = −½ρ Σ Gg δ_a², ∂L/∂Q_ab = −ρ Σ Gg δ_a δ_b (shared symmetric slot), ∂L/∂v = −ρ Q Σ Gg δ.
+    g_q6 = -rho[:, None] * s2 * jnp.asarray([0.5, 1.0, 1.0, 0.5, 1.0, 0.5], jnp.float32)
+    d_v = -rho[:, None] * jnp.sum(vr._full(s.q) * s1[:, None, :], axis=-1)  # Q Σ Gg δ, elementwise (no TF32)
+    # Q = cof/det → Σ_v (guarded 1/det²) → Σ → (s, q), exactly the reference path's chain.
+    h = size / jnp.asarray(st.n, jnp.float32)
+    g_q = vr._full(g_q6 * jnp.asarray([1.0, 0.5, 0.5, 1.0, 0.5, 1.0], jnp.float32))
+    cof = vr._full(s.cof)
+    inv_det2 = 1.0 / (s.det * s.det + vr.DET_EPS)
+    with jax.default_matmul_precision("highest"):
+        g_cov_v = -(cof @ g_q @ cof) * inv_det2[:, None, None]
+        g_cov = g_cov_v / (h[:, None] * h[None, :])
+        _, cov_vjp = jax.vjp(covariance, scales, rotations)
+        d_s, d_r = cov_vjp(g_cov)
+    d_m = d_v / h if st.mean_grad == "true" else d_v * h
+    return d_m, d_s, d_r, s0, jnp.zeros_like(size), jnp.zeros_like(center)
+
+
+_voxelize.defvjp(_voxelize_fwd, _voxelize_bwd)
+
+
+# ------------------------------------------------------------------------------------------- public
+def voxelize_points(means, scales, rotations, densities, grid, *, culling: str = "extent", mean_grad: str = "true",
+                    pair_capacity: Optional[int] = None, debug_poison: bool = False) -> jax.Array:
+    """Voxelize activated Gaussians with the Triton kernels; same contract as `x2gs_jax.render.voxelize_points`.
+
+    Args:
+      means [C, 3], scales [C, 3], rotations [C, 4] (w, x, y, z; used as given), densities [C] (float32,
+        world units; 0 on inactive slots). grid: `x2gs_jax.render.voxelize.Grid`.
+      culling: "extent" ([R2]) or "center" ([X2]); mean_grad: "true" or "reference_h2" (§7.4 bug).
+      pair_capacity: (Gaussian, 8³ tile) slots (default 32 per Gaussian); only the speed depends on it: tiles
+        whose pairs do not fit test every Gaussian instead (exact, slow).
+      debug_poison: start the volume buffer as NaN (tests: every voxel must be written).
+    Returns:
+      volume [nx, ny, nz] float32; differentiable w.r.t. the four Gaussian inputs (grid: zero cotangent).
+    """
+    if culling not in CULLING_MODES:
+        raise ValueError(f"voxelize_points: culling must be one of {CULLING_MODES}, got {culling!r}")
+    if mean_grad not in MEAN_GRAD_MODES:
+        raise ValueError(f"voxelize_points: mean_grad must be one of {MEAN_GRAD_MODES}, got {mean_grad!r}")
+    means = jnp.asarray(means, jnp.float32)
+    if means.ndim != 2 or means.shape[1] != 3:
+        raise ValueError(f"voxelize_points: means must have shape [C, 3], got {means.shape}")
+    n = tuple(int(v) for v in grid.n)
+    c = means.shape[0]
+    if c == 0:
+        return jnp.zeros(n, jnp.float32)
+    ga, gb, gc = _tiles(n)
+    n_tiles = ga * gb * gc
+    capacity = (default_capacity(c, n_tiles, PAIRS_PER_GAUSSIAN) if pair_capacity is None
+                else int(pair_capacity))
+    st = _Static(n, culling, mean_grad, capacity, bool(debug_poison))
+    return _voxelize(st, means, jnp.asarray(scales, jnp.float32), jnp.asarray(rotations, jnp.float32),
+                     jnp.asarray(densities, jnp.float32), jnp.asarray(grid.size, jnp.float32),
+                     jnp.asarray(grid.center, jnp.float32))
