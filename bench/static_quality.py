@@ -2,6 +2,8 @@
 
   python bench/static_quality.py --workdir runs/static_quality [--iterations 30000] [--init fdk|random]
 
+With --iterations below 30000 the schedule is compressed (LR decay and densification window scale).
+
 Uses the embedded static phantom of configs/r2_static.py (128^3 GT, 256^2 detector, 50 noiseless views
 over 360 deg), trains with the full R2 schedule and prints PSNR3D/SSIM3D of the reconstruction and of
 FDK from the same 50 views, plus wall time. Results go to <workdir>/static_quality.json.
@@ -29,13 +31,21 @@ def main():
     ap.add_argument("--iterations", type=int, default=30000)
     ap.add_argument("--init", choices=("fdk", "random"), default="fdk")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--cache", default="", help="folder holding the generated case (default: inside workdir)")
     args = ap.parse_args()
     config = r2_static.get_config()
     config.train.iterations = config.train.coarse_iterations = args.iterations
     config.data.init.method = args.init
     config.render.backend = args.backend
     config.data.cache_dir = os.path.join(args.workdir, "cache_" + args.init)
-    config.eval.iterations = tuple(i for i in config.eval.iterations if i <= args.iterations)
+    if args.iterations != 30000:
+        # Compress the reference 30k schedule: log-linear LR decay and densification window scale with it.
+        for group in config.optim.lr.values():
+            group.max_steps = args.iterations
+        config.densify.until_iter = args.iterations // 2
+    config.eval.iterations = (1, args.iterations // 2, args.iterations)
+    if args.cache:
+        config.data.cache_dir = args.cache
     t0 = time.time()
     report = train_lib.train_and_evaluate(config, os.path.join(args.workdir, "run_" + args.init))
     wall = time.time() - t0
