@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
         scale_threshold=0.1,  # fraction of V
         density_min=1e-5, max_num_gaussians=500000))
 
-    c.render = ml_collections.ConfigDict(dict(backend="auto"))
+    # backend: "auto" (Triton on a GPU, else the pure-JAX reference), "reference" or "triton".
+    # max_pairs: initial rasterizer pair buffer per view (0 = backend default); grows on overflow.
+    c.render = ml_collections.ConfigDict(dict(backend="auto", max_pairs=0))
 
     c.eval = ml_collections.ConfigDict(dict(iterations=(1, 5000, 10000, 20000, 30000), max_val_views=50))
     c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3))

@@ -151,3 +151,20 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny, tmp_path):
     config.loss.lambda_dssim = float("nan")
     with pytest.raises(train_lib.NonFiniteLossError, match=r"iteration 1\b.*loss"):
         train_lib.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_pair_buffer_overflow_grows_and_redoes_the_iteration(tiny, tmp_path):
+    """A too-small rasterizer pair buffer is detected, grown from count_pairs, and the run ends exactly
+    where a run with an exact (dynamic) buffer ends."""
+    _, _, _, cache = tiny
+    results = []
+    for max_pairs in (64, 0):
+        config = r2_static.get_config("tiny")
+        config.data.cache_dir = cache
+        config.train.iterations = 4
+        config.render.max_pairs = max_pairs
+        workdir = tmp_path / f"mp{max_pairs}"
+        train_lib.train_and_evaluate(config, str(workdir))
+        results.append(np.load(workdir / "export" / "gaussians.npz"))
+    for k in results[0].files:
+        np.testing.assert_array_equal(results[0][k], results[1][k], err_msg=k)

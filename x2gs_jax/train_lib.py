@@ -218,6 +218,18 @@ class TrainData:
                 "time": self.times[idx]}
 
 
+def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[int], views: int = 16) -> int:
+    """A power-of-two pair capacity with 2x headroom over the worst of a spread of training views."""
+    from x2gs_jax.render.rasterize_ref import count_pairs, pair_capacity
+
+    g = state.gaussians()
+    args = (g.get_xyz(), g.get_scale(), g.get_rotation(), g.get_density())
+    idx = np.unique(np.linspace(0, data.n_train - 1, min(views, data.n_train)).astype(int))
+    counts = jax.vmap(lambda cam: count_pairs(*args, cam))(jax.tree.map(lambda x: x[idx], data.cameras))
+    needed = pair_capacity(2 * int(jnp.max(counts)))
+    return max(needed, 2 * current) if current else needed
+
+
 def step_settings(config, scanner, stage: str, max_pairs) -> StepSettings:
     lo, hi = scanner.bbox
     d = config.densify
@@ -308,7 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     total = int(config.train.iterations)
     coarse_end = min(int(config.train.coarse_iterations), total)
-    max_pairs = None  # exact (dynamic) for the reference backend; static capacity grows on overflow
+    # Pair buffer of the rasterizer: None = the backend's default (exact and dynamic for the reference
+    # backend); grown from count_pairs whenever a step reports overflow.
+    max_pairs = int(config.render.max_pairs) or None
     steps = {}
     last_report = {}
     report = {}
@@ -333,7 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t0 = time.perf_counter()
             state, metrics = steps[key_sig](state, data.batch(views), key)
             if bool(metrics["overflow"]):
-                max_pairs = None if max_pairs is None else 2 * max_pairs
+                # The rasterizer needed more (Gaussian, tile) pairs than its static buffer holds: the state came
+                # back unchanged, so size the buffer from the current Gaussians and redo this iteration.
+                max_pairs = grown_pair_capacity(state, data, max_pairs)
                 continue
             if not bool(metrics["finite"]):
                 bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(float(v))]
