@@ -1,0 +1,442 @@
+"""The library behind `eval.py`: load a trained run, measure it, write <run>/eval/.
+
+Conventions (x2gaussian.md §12, gaussians.md §7): phase k is queried at the mid-time of phase k of the
+first breathing cycle (config.eval.cycle_s, config.eval.n_phases) and compared with GT phase k; PSNR3D
+has peak 1, SSIM3D averages 2D SSIM over non-empty GT slices of each axis; 2D metrics normalise each
+projection by its own max. Baselines on the same case: static FDK of all train projections, and
+phase-binned 4D-FDK of the train projections with their stored phases. Volumes over time are queried by
+`jax.vmap` over a chunk of times (one compiled function per shape).
+
+Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
+projections.png, export/vol_t{t}.npy|.nii.gz.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from x2gs_jax import evaluation as E
+from x2gs_jax import tidal
+from x2gs_jax.data.naf import Case, load_case
+from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, nifti_frame_mm, write_nifti
+from x2gs_jax.render import voxelize
+
+
+class RunError(FileNotFoundError):
+    """The run directory, its export or its checkpoint is missing or unreadable."""
+
+
+class MismatchError(ValueError):
+    """The case does not match the run it is evaluated against (the message names both)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model ready to query. params: the raw parameter dict (Gaussians, field, period)."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    case: Case
+    case_path: str
+    model: Any
+    params: dict
+    active: np.ndarray
+    scale_bound: Optional[tuple]
+    step: int
+    source: str  # "export" or "checkpoint <step>"
+
+    @property
+    def is_4d(self) -> bool:
+        return self.case.is_4d and "field" in self.params
+
+    @property
+    def stage(self) -> str:
+        """The stage the model was in at `step` (coarse = no deformation, as during training)."""
+        return "fine" if self.is_4d and self.step > int(self.config.train.coarse_iterations) else "coarse"
+
+    @property
+    def period_s(self) -> Optional[float]:
+        return float(np.exp(np.asarray(self.params["period"], np.float64))) if "period" in self.params else None
+
+    def gaussians_at(self, params: dict, t) -> Any:
+        """The model's Gaussians at normalised time t (traceable; params passed in rather than closed over
+        so that compiled functions take them as arguments instead of embedding them as constants)."""
+        from x2gs_jax import train_lib
+        from x2gs_jax.train_state import gaussians_from_params
+
+        settings = train_lib.step_settings(self.config, self.case.scanner, self.stage, None)
+        canonical = gaussians_from_params(params, self.active, self.scale_bound)
+        g, _ = self.model.gaussians_at(params, canonical, t, jax.random.PRNGKey(0), settings)
+        return g
+
+    def gaussians_fn(self) -> Callable:
+        """t -> Gaussians (closes over the parameters; for `evaluation.render_views`)."""
+        params = jax.tree.map(jnp.asarray, self.params)
+        return lambda t: self.gaussians_at(params, t)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise RunError(f"run directory {workdir!r} does not exist")
+    if not os.path.exists(path):
+        raise RunError(f"{path}: missing (not a run directory written by train.py?)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def check_scanner(case: Case, case_path: str, naf_mm: dict, run_file: str) -> None:
+    """Raise MismatchError unless the case's geometry equals the run's (mm, rtol 1e-5)."""
+    mine = case.scanner.to_naf()
+    diffs = []
+    for k, v in naf_mm.items():
+        if k not in mine:
+            continue
+        a, b = mine[k], v
+        same = (str(a) == str(b)) if isinstance(a, str) or isinstance(b, str) else \
+            np.shape(a) == np.shape(b) and np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-5, atol=1e-6)
+        if not same:
+            diffs.append(f"{k}: data {np.asarray(a).tolist()} vs run {np.asarray(b).tolist()}")
+    if diffs:
+        raise MismatchError(f"the case {case_path!r} does not match the run ({run_file}): scanner geometry differs: "
+                            + "; ".join(diffs))
+
+
+def _check_case_shape(case: Case, case_path: str, config, run_file: str) -> None:
+    kind = config.model.kind
+    if (kind != "static") != case.is_4d:
+        raise MismatchError(f"the case {case_path!r} is {'4D' if case.is_4d else '3D'} but the run ({run_file}) is a "
+                            f"{'static' if kind == 'static' else '4D'} model")
+
+
+def load_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None) -> Run:
+    """Load <workdir>'s inference export (step None) or its checkpoint at `step` (-1: the latest).
+
+    data: a case pickle overriding the config's data.path / embedded phantom.
+    Raises RunError (missing run/export/checkpoint) or MismatchError (data of another geometry).
+    """
+    from x2gs_jax import train_lib
+
+    config = load_config(workdir)
+    if data:
+        if not os.path.exists(data):
+            raise FileNotFoundError(f"--data: no such file {data!r}")
+        config.data.path = data
+    case_path = train_lib.resolve_case_path(config)
+    case = load_case(case_path)
+    export = os.path.join(workdir, "export")
+    meta_path = os.path.join(export, "meta.json")
+    _check_case_shape(case, case_path, config, os.path.join(workdir, "config.json"))
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        check_scanner(case, case_path, meta["scanner"], meta_path)
+    elif step is None:
+        raise RunError(f"{meta_path}: no inference export (the run did not finish?); pass --step=-1 to evaluate "
+                       f"its latest checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    try:
+        model = train_lib.make_model(config, case)
+    except ValueError as err:
+        raise MismatchError(f"the case {case_path!r} does not fit the run {workdir!r}: {err}") from err
+    if step is None:
+        params, active, scale_bound, n = _load_export(export, meta, model, case)
+        return Run(workdir, config, case, case_path, model, params, active, scale_bound, n, "export")
+    return _load_checkpoint(workdir, config, case, case_path, model, None if step < 0 else int(step))
+
+
+def _load_export(export: str, meta: dict, model, case: Case):
+    path = os.path.join(export, "gaussians.npz")
+    if not os.path.exists(path):
+        raise RunError(f"{path}: missing")
+    with np.load(path) as z:
+        flat = {k: z[k] for k in z.files}
+    need = ["xyz", "scaling", "rotation", "density", "active"]
+    missing = [k for k in need if k not in flat]
+    if missing:
+        raise RunError(f"{path}: keys {missing} missing (expected {need} [+ period])")
+    params = {k: jnp.asarray(flat[k]) for k in need[:4]}
+    if "period" in flat:
+        params["period"] = jnp.asarray(flat["period"])
+    field_dir = os.path.abspath(os.path.join(export, "field"))
+    if hasattr(model, "init_params"):
+        if not os.path.isdir(field_dir):
+            raise RunError(f"{field_dir}: the 4D run's deformation field export is missing")
+        import orbax.checkpoint as ocp
+
+        template = model.init_params(jax.random.PRNGKey(0), case)["field"]
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        with ocp.StandardCheckpointer() as ckptr:
+            params["field"] = ckptr.restore(field_dir, abstract)
+    sb = meta.get("scale_bound")
+    return params, np.asarray(flat["active"]), (tuple(sb) if sb else None), int(meta.get("step", 0))
+
+
+def _load_checkpoint(workdir, config, case, case_path, model, step) -> Run:
+    from x2gs_jax import train_lib
+    from x2gs_jax.checkpoint import Checkpointer
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise RunError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoints")
+    points = train_lib.initial_points(case_path, case, config)
+    ckpt = Checkpointer(workdir)
+    try:
+        state, meta = ckpt.restore(lambda m: train_lib._template_state(config, case, points, model, m), step)
+    except FileNotFoundError as err:
+        raise RunError(str(err)) from err
+    finally:
+        ckpt.close()
+    n = int(state.step)
+    return Run(workdir, config, case, case_path, model, dict(state.params), np.asarray(state.active),
+               state.scale_bound, n, f"checkpoint {n}")
+
+
+# -------------------------------------------------------------------------------- time-batched maps
+def map_times(batched: Callable, params, times: Sequence[float], chunk: int = 8, desc: str = "",
+              progress: bool = True) -> np.ndarray:
+    """np.concatenate of batched(params, times_chunk) over chunks of exactly `chunk` times.
+
+    batched: a jitted function (params, t [chunk]) -> [chunk, ...] (e.g. `volume_batched`). Every call
+    has the same shapes (the last chunk is padded by repeating its last time), so it compiles once per run.
+    """
+    times = np.asarray(times, np.float32).reshape(-1)
+    if times.size == 0:
+        raise ValueError("map_times: no times")
+    chunk = int(max(1, chunk))
+    pad = (-times.size) % chunk
+    padded = np.concatenate([times, np.full(pad, times[-1], np.float32)])
+    out = [np.asarray(batched(params, jnp.asarray(padded[i:i + chunk])))
+           for i in tqdm(range(0, padded.size, chunk), desc=desc, disable=not progress or not desc)]
+    return np.concatenate(out)[:times.size]
+
+
+def volume_at(run: Run) -> Callable:
+    """(params, t) -> predicted volume [nx, ny, nz] on the GT grid."""
+    grid = E.full_grid(run.case.scanner)
+    backend = run.config.render.backend
+    return lambda params, t: voxelize(run.gaussians_at(params, t), grid, backend=backend)
+
+
+def volume_batched(run: Run) -> Callable:
+    """jit(vmap over t) of `volume_at`: (params, t [n]) -> [n, nx, ny, nz]."""
+    return jax.jit(jax.vmap(volume_at(run), in_axes=(None, 0)))
+
+
+def lung_ml_batched(run: Run, lung_threshold: float, erode_voxels: int) -> Callable:
+    """(params, t [n]) -> lung volume (mL) [n]; volumes are segmented on device, never stored."""
+    vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
+    one = lambda p, t: tidal.lung_volume_ml(vol(p, t), mm, lung_threshold, erode_voxels)
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+
+# ------------------------------------------------------------------------------------- the metrics
+def phase_times(run: Run) -> np.ndarray:
+    return run.model.eval_times(run.case) if run.is_4d else np.zeros(1)
+
+
+def reconstruction_metrics(run: Run, chunk: int = 4, progress: bool = True,
+                           batched: Optional[Callable] = None) -> tuple[dict, np.ndarray]:
+    """(report, predicted volumes [P, nx, ny, nz]): PSNR/SSIM 3D per phase and mean, 2D on val views."""
+    times = phase_times(run)
+    batched = batched or volume_batched(run)
+    vols = map_times(batched, run.params, times, chunk, desc="phase volumes", progress=progress)
+    report = E.volume_report(run.case.volumes, vols if run.case.is_4d else vols[0])
+    report["phase_times"] = [float(t) for t in times]
+    n_val = min(len(run.case.val), int(run.config.eval.max_val_views))
+    if n_val > 0:
+        pred, gt = render_val(run, n_val)
+        r = E.projection_report(gt, pred)
+        report.update(psnr_2d_val=r["psnr_2d"], ssim_2d_val=r["ssim_2d"], n_val_views=n_val)
+    return report, vols
+
+
+def render_val(run: Run, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rendered, GT) of the first n val views, both scene-scaled [n, H, W]."""
+    sc = run.case.scanner
+    cams = jax.vmap(sc.camera)(jnp.asarray(run.case.val.angles[:n], jnp.float32))
+    vt = run.case.val.times[:n] if run.case.val.times is not None else np.zeros(n)
+    pred = E.render_views(run.gaussians_fn(), cams, vt, backend=run.config.render.backend)
+    return pred, run.case.val.projections[:n] * sc.scene_scale
+
+
+def fdk_baselines(case: Case, n_phases: Optional[int] = None, progress: bool = True) -> dict:
+    """Static FDK (all train views) and, for 4D cases, phase-binned 4D-FDK vs the GT phases."""
+    from x2gs_jax.ct.fdk import fdk, fdk_4d
+
+    sc = case.scanner
+    out = {}
+    static = np.asarray(fdk(case.train.projections, sc, case.train.angles, progress=progress))
+    gt = case.volumes
+    ref = E.volume_report(gt, np.broadcast_to(static, gt.shape) if case.is_4d else static)
+    out.update(fdk_psnr_3d_mean=ref["psnr_3d_mean"], fdk_ssim_3d_mean=ref["ssim_3d_mean"])
+    if case.is_4d:
+        P = int(n_phases or gt.shape[0])
+        ph = np.asarray(case.train.phases, np.int64)
+        if ph.size and (ph.min() < 0 or ph.max() >= P):
+            raise ValueError(f"4D-FDK: train phases must lie in [0, {P}), got [{ph.min()}, {ph.max()}]")
+        counts = np.bincount(ph, minlength=P)[:P]
+        full = np.flatnonzero(counts > 0)
+        if full.size == 0:
+            raise ValueError(f"4D-FDK: no train projection has a phase in [0, {P})")
+        # An empty bin (sparse views) has no reconstruction of its own: it borrows the circularly nearest
+        # non-empty bin's volume, and the bins concerned are reported.
+        dist = np.abs(np.arange(P)[:, None] - full[None, :])
+        nearest = np.argmin(np.minimum(dist, P - dist), axis=1)  # index into `full`
+        compact = np.searchsorted(full, ph)  # phases renumbered 0..len(full)-1
+        v4 = np.asarray(fdk_4d(case.train.projections, sc, case.train.angles, compact, int(full.size),
+                               progress=progress))[nearest]
+        r4 = E.volume_report(gt, v4)
+        out.update(fdk4d_psnr_3d_mean=r4["psnr_3d_mean"], fdk4d_ssim_3d_mean=r4["ssim_3d_mean"],
+                   fdk4d_psnr_3d=r4["psnr_3d"], fdk4d_ssim_3d=r4["ssim_3d"],
+                   fdk4d_empty_bins=[int(p) for p in np.flatnonzero(counts == 0)])
+    return out
+
+
+def tidal_curve(run: Run, n_points: int = 600, lung_threshold: float = tidal.LUNG_THRESHOLD,
+                erode_voxels: int = tidal.ERODE_VOXELS, chunk: int = 8, progress: bool = True) -> dict:
+    """Lung volume on `n_points` uniform times over the whole scan, its period and (phantom) GT agreement."""
+    scan_s = float(run.config.data.scan_s)
+    times = np.arange(n_points) / n_points  # normalised, [0, 1)
+    ml = map_times(lung_ml_batched(run, lung_threshold, erode_voxels), run.params, times, chunk,
+                   desc="tidal curve", progress=progress)
+    t_s = times * scan_s
+    out = {"t_s": t_s, "lung_volume_ml": ml.astype(np.float64), "tidal_points": int(n_points),
+           "lung_threshold": float(lung_threshold), "erode_voxels": int(erode_voxels)}
+    try:
+        if not np.ptp(ml) > 0:
+            raise ValueError("the lung-volume curve is flat (no breathing motion)")
+        out["tidal_period_s"] = tidal.dominant_period(t_s, ml)
+    except ValueError as err:
+        out["tidal_period_s"], out["tidal_period_error"] = None, str(err)
+    breathing = tidal.phantom_breathing_from_meta(run.case.meta)
+    if breathing is not None:
+        gt = tidal.phantom_gt_curve_ml(breathing, times, run.case.scanner)
+        out["gt_ml"] = gt
+        out.update(tidal.curve_agreement(ml, gt))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def write_tidal_csv(path: str, t_s, ml, gt_ml=None) -> None:
+    cols = ["t_s", "lung_volume_ml"] + (["gt_lung_volume_ml"] if gt_ml is not None else [])
+    rows = zip(t_s, ml, gt_ml) if gt_ml is not None else zip(t_s, ml)
+    text = ",".join(cols) + "\n" + "".join(",".join(f"{float(x):.6g}" for x in r) + "\n" for r in rows)
+    atomic_write_bytes(path, text.encode())
+
+
+def export_volumes(run: Run, times: Sequence[float], out_dir: str, chunk: int = 4,
+                   batched: Optional[Callable] = None) -> list[str]:
+    """Write the volumes at normalised `times` (4D) or the single volume (3D) as .npy and .nii.gz."""
+    spacing, origin = nifti_frame_mm(run.case.scanner)
+    os.makedirs(out_dir, exist_ok=True)
+    times = list(times) if run.is_4d else [0.0]
+    vols = map_times(batched or volume_batched(run), run.params, times, chunk, desc="export")
+    written = []
+    for t, v in zip(times, vols):
+        stem = os.path.join(out_dir, f"vol_t{float(t):.4f}" if run.is_4d else "volume")
+        atomic_save_npy(stem + ".npy", v)
+        write_nifti(stem + ".nii.gz", v, spacing, origin)
+        written += [stem + ".npy", stem + ".nii.gz"]
+    return written
+
+
+def _clean(v):
+    """JSON-safe: numpy -> python, non-finite -> None."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_clean(x) for x in np.asarray(v).tolist()] if isinstance(v, np.ndarray) else [_clean(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def format_table(m: dict) -> str:
+    def f(key, fmt="{:.3f}"):
+        v = m.get(key)
+        return "-" if v is None else fmt.format(v)
+    lines = [f"{'':24s}{'PSNR3D':>10s}{'SSIM3D':>10s}",
+             f"{'model (' + m['source'] + ')':24s}{f('psnr_3d_mean', '{:.2f}'):>10s}{f('ssim_3d_mean'):>10s}"]
+    if "fdk_psnr_3d_mean" in m:
+        lines.append(f"{'FDK (static)':24s}{f('fdk_psnr_3d_mean', '{:.2f}'):>10s}{f('fdk_ssim_3d_mean'):>10s}")
+    if "fdk4d_psnr_3d_mean" in m:
+        lines.append(f"{'4D-FDK (phase-binned)':24s}{f('fdk4d_psnr_3d_mean', '{:.2f}'):>10s}{f('fdk4d_ssim_3d_mean'):>10s}")
+    if "psnr_2d_val" in m:
+        lines.append(f"2D val: PSNR {f('psnr_2d_val', '{:.2f}')}  SSIM {f('ssim_2d_val')}")
+    if m.get("period_learned_s") is not None:
+        lines.append(f"period: learned {f('period_learned_s')} s, GT {f('period_gt_s')} s, "
+                     f"tidal-curve {f('tidal_period_s')} s")
+    if "tidal_corr" in m:
+        lines.append(f"tidal curve vs phantom: corr {f('tidal_corr')}, amplitude {f('tidal_amplitude_ml', '{:.1f}')} "
+                     f"mL vs {f('tidal_amplitude_gt_ml', '{:.1f}')} mL")
+    return "\n".join(lines)
+
+
+def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None, tidal_points: int = 600,
+                 pictures: bool = True, export_times: Sequence[float] = (), baselines: bool = True,
+                 lung_threshold: float = tidal.LUNG_THRESHOLD, erode_voxels: int = tidal.ERODE_VOXELS,
+                 chunk: int = 8, gif_frames: int = 12, proj_views: int = 4, progress: bool = True) -> dict:
+    """Evaluate a run end to end (see the module docstring); returns the metrics written to metrics.json."""
+    from x2gs_jax import viz
+
+    run = load_run(workdir, data, step)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    batched = volume_batched(run)  # one compiled volume query for the phases, exports and GIF frames
+    report, vols = reconstruction_metrics(run, chunk, progress, batched)
+    m = {"source": run.source, "step": run.step, "stage": run.stage, "case": os.path.abspath(run.case_path),
+         "is_4d": run.is_4d, **report}
+    if run.is_4d:
+        gen = run.case.meta.get("generator") if isinstance(run.case.meta, dict) else None
+        gt_period = float(gen["period_s"]) if isinstance(gen, dict) and "period_s" in gen else float(run.config.eval.cycle_s)
+        m.update(period_learned_s=run.period_s, period_gt_s=gt_period,
+                 period_rel_error=abs(run.period_s - gt_period) / gt_period)
+    if baselines:
+        m.update(fdk_baselines(run.case, len(vols) if run.is_4d else None, progress))
+    curve = None
+    if run.is_4d and tidal_points > 0:
+        curve = tidal_curve(run, tidal_points, lung_threshold, erode_voxels, chunk, progress)
+        m.update({k: v for k, v in curve.items() if k not in ("t_s", "lung_volume_ml", "gt_ml")})
+        write_tidal_csv(os.path.join(out_dir, "tidal.csv"), curve["t_s"], curve["lung_volume_ml"], curve.get("gt_ml"))
+    if export_times or not run.is_4d:
+        m["exported"] = export_volumes(run, export_times, os.path.join(out_dir, "export"), chunk, batched)
+    if pictures:
+        gt = run.case.volumes if run.case.is_4d else run.case.volumes[None]
+        for k, (g, p) in enumerate(zip(gt, vols)):
+            title = f"phase {k} (t = {m['phase_times'][k]:.4f}), PSNR {report['psnr_3d'][k]:.2f} dB"
+            viz.save_phase_slices(os.path.join(out_dir, f"slices_T{k}.png"), g, p, title)
+        n = min(int(proj_views), len(run.case.val))
+        if n > 0:
+            pred, gtp = render_val(run, n)
+            viz.save_projection_comparison(os.path.join(out_dir, "projections.png"), gtp, pred,
+                                           [f"val {i}" for i in range(n)])
+        if run.is_4d:
+            cycle = run.period_s if run.period_s and run.period_s > 0 else float(run.config.eval.cycle_s)
+            ts = np.arange(gif_frames) / gif_frames * cycle
+            frames = map_times(batched, run.params, ts / float(run.config.data.scan_s), chunk, desc="gif frames",
+                               progress=progress)
+            viz.save_breathing_gif(os.path.join(out_dir, "breathing.gif"), frames, ts)
+        if curve is not None:
+            viz.save_tidal_plot(os.path.join(out_dir, "tidal.png"), curve["t_s"], curve["lung_volume_ml"],
+                                curve.get("gt_ml"), f"dominant period {curve.get('tidal_period_s') or float('nan'):.3f} s")
+    m = _clean(m)
+    atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(m, indent=2).encode())
+    print(format_table(m))
+    return m
+
+
+__all__ = ["Run", "RunError", "MismatchError", "load_config", "load_run", "check_scanner", "map_times", "volume_at",
+           "volume_batched", "lung_ml_batched",
+           "reconstruction_metrics", "render_val", "fdk_baselines", "tidal_curve", "write_tidal_csv", "export_volumes",
+           "format_table", "evaluate_run"]
