@@ -31,9 +31,10 @@ def main():
     ap.add_argument("--iterations", type=int, default=30000)
     ap.add_argument("--init", choices=("fdk", "random"), default="fdk")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--variant", default="", help="config variant of configs/r2_static.py (e.g. demo: 64^3, 96^2)")
     ap.add_argument("--cache", default="", help="folder holding the generated case (default: inside workdir)")
     args = ap.parse_args()
-    config = r2_static.get_config()
+    config = r2_static.get_config(args.variant or None)
     config.train.iterations = config.train.coarse_iterations = args.iterations
     config.data.init.method = args.init
     config.render.backend = args.backend

@@ -190,7 +190,7 @@ def _load_checkpoint(workdir, config, case, case_path, model, step) -> Run:
     points = train_lib.initial_points(case_path, case, config)
     ckpt = Checkpointer(workdir)
     try:
-        state, meta = ckpt.restore(lambda m: train_lib._template_state(config, case, points, model, m), step)
+        state, meta = ckpt.restore(lambda m: train_lib.template_state(config, case, points, model, m), step)
     except FileNotFoundError as err:
         raise RunError(str(err)) from err
     finally:

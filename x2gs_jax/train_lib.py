@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
     resume_dir = config.resume
-    template = lambda meta: _template_state(config, case, points, model, meta)
+    template = lambda meta: template_state(config, case, points, model, meta)
     if resume_dir:
         src = ckpt if os.path.abspath(resume_dir) == os.path.abspath(workdir) else Checkpointer(resume_dir)
         state, meta = src.restore(template)
@@ -388,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return report
 
 
-def _template_state(config, case, points, model, meta) -> TrainState:
+def template_state(config, case, points, model, meta) -> TrainState:
     state = init_state(config, case, points, model)
     if meta["capacity"] != state.capacity:
         state = grow_state(state, int(meta["capacity"])) if meta["capacity"] > state.capacity else \
