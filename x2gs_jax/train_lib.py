@@ -29,7 +29,7 @@ from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, write_nifti
 from x2gs_jax.gaussians import Gaussians, grow, load_init_points, next_capacity
 from x2gs_jax.optim import group_specs_from_config, make_optimizer
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, param_labels, params_from_gaussians
-from x2gs_jax.train_step import StaticModel, StepSettings, is_densify_iteration, make_train_step
+from x2gs_jax.train_step import StaticModel, StepSettings, is_densify_iteration, make_multi_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -329,43 +329,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True)
     try:
         while int(state.step) < total:
-            it = int(state.step) + 1
-            stage = "coarse" if it <= coarse_end else "fine"
-            if stage == "fine" and it == coarse_end + 1:
+            it0 = int(state.step) + 1
+            stage = "coarse" if it0 <= coarse_end else "fine"
+            if stage == "fine" and it0 == coarse_end + 1:
                 # Stage switch (x2gaussian.md §9): fresh optimiser and accumulators, global LR schedule kept.
                 state = state.replace(opt_state=build_optimizer(config, state.params).init(state.params),
                                       stats=DensifyStats.zeros(state.capacity))
             stage_start = 1 if stage == "coarse" else coarse_end + 1
-            key_sig = (stage, state.capacity, max_pairs)
-            if key_sig not in steps:
+            end = chunk_end(it0, config, total, coarse_end)
+            its = np.arange(it0, end + 1)
+            fn_key = (stage, state.capacity, max_pairs, len(its))
+            if fn_key not in steps:
                 settings = step_settings(config, sc, stage, max_pairs)
                 opt = build_optimizer(config, state.params)
-                steps[key_sig] = jax.jit(make_train_step(model, settings, opt), donate_argnums=0)
+                steps[fn_key] = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0)
             V = int(config.train.views_per_step)
-            views = [view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed) for j in range(V)]
-            key = jax.random.fold_in(state.key, it)
+            views = np.array([[view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed)
+                               for j in range(V)] for it in its])
+            keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
             t0 = time.perf_counter()
-            state, metrics = steps[key_sig](state, data.batch(views), key)
-            if bool(metrics["overflow"]):
-                # The rasterizer needed more (Gaussian, tile) pairs than its static buffer holds: the state came
-                # back unchanged, so size the buffer from the current Gaussians and redo this iteration.
+            state, metrics = steps[fn_key](state, data.batch(views), keys)
+            metrics = jax.device_get(metrics)  # one host transfer per call
+            dt = (time.perf_counter() - t0) / len(its)
+            for k, it in enumerate(its):
+                if not metrics["done"][k]:
+                    break
+                m = {name: v[k] for name, v in metrics.items()}
+                check_iteration(m, it, config, ckpt)
+                if it % config.log.every == 0 or it == 1:
+                    rec = {name: float(v) for name, v in m.items() if name not in ("overflow", "finite", "done")}
+                    rec["step_time_s"] = dt
+                    logger.write(it, rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
+                bar.update(1)
+            if int(state.step) < end:
+                # The rasterizer needed more (Gaussian, tile) pairs than its static buffer holds: the state stopped
+                # before that iteration, so size the buffer from the current Gaussians and redo from there.
                 max_pairs = grown_pair_capacity(state, data, max_pairs)
                 continue
-            if not bool(metrics["finite"]):
-                bad = [k for k, v in metrics.items() if k.startswith("loss") and not np.isfinite(float(v))]
-                raise NonFiniteLossError(f"non-finite loss at iteration {it}: terms {bad}; the last good checkpoint "
-                                         f"is kept in {ckpt.directory}")
-            if "period_shift_valid" in metrics and not bool(metrics["period_shift_valid"]):
-                raise ValueError(f"iteration {it}: the learned period {float(metrics['period_s']):.3f} s leaves no "
-                                 f"periodic shift inside the {config.data.scan_s} s scan (T must be < scan/2)")
-            dt = time.perf_counter() - t0
-            if it % config.log.every == 0 or it == 1:
-                rec = {k: float(v) for k, v in metrics.items() if k not in ("overflow", "finite")}
-                rec["step_time_s"] = dt
-                logger.write(it, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
-            settings_now = step_settings(config, sc, stage, max_pairs)
-            if is_densify_iteration(it, settings_now):
+            it = end
+            if is_densify_iteration(it, step_settings(config, sc, stage, max_pairs)):
                 state, info = densify_step(state, config, sc, it)
                 if bool(info.get("overflow", False)):
                     raise RuntimeError(f"densification overflow at iteration {it}: {info}")
@@ -380,12 +383,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     save_outputs(workdir, {**report, "volumes": vols}, case)
             if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
                 ckpt.save(it, state, checkpoint_meta(state, config, stage))
-            bar.update(1)
     finally:
         bar.close()
         logger.close()
     export_inference(workdir, state, config, case)
     return report
+
+
+def chunk_end(it0: int, config, total: int, coarse_end: int) -> int:
+    """Last iteration of the jitted call that starts at it0: the nearest of the stage end, the next densify,
+    evaluation or checkpoint iteration, and it0 + train.steps_per_call - 1 (host work happens between calls)."""
+    ends = [total, it0 + max(1, int(config.train.steps_per_call)) - 1]
+    if it0 <= coarse_end:
+        ends.append(coarse_end)
+    d = config.densify
+    if d.enabled:
+        n = -(-max(it0, d.from_iter + 1) // d.interval) * d.interval  # first multiple of interval > from, >= it0
+        if n < d.until_iter:
+            ends.append(n)
+    ends += [e for e in config.eval.iterations if e >= it0]
+    ends.append(-(-it0 // config.checkpoint.every) * config.checkpoint.every)
+    return min(ends)
+
+
+def check_iteration(m: dict, it: int, config, ckpt) -> None:
+    """Stop loudly on a non-finite loss term or an impossible periodic shift (nothing bad is checkpointed)."""
+    if not bool(m["finite"]):
+        bad = [k for k, v in m.items() if k.startswith("loss") and not np.isfinite(float(v))]
+        raise NonFiniteLossError(f"non-finite loss at iteration {it}: terms {bad}; the last good checkpoint "
+                                 f"is kept in {ckpt.directory}")
+    if "period_shift_valid" in m and not bool(m["period_shift_valid"]):
+        raise ValueError(f"iteration {it}: the learned period {float(m['period_s']):.3f} s leaves no "
+                         f"periodic shift inside the {config.data.scan_s} s scan (T must be < scan/2)")
 
 
 def template_state(config, case, points, model, meta) -> TrainState:

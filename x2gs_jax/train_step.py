@@ -153,3 +153,29 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         return new_state, metrics
 
     return step
+
+
+def make_multi_step(step: Callable) -> Callable:
+    """K iterations in one call, (state, batches, keys) -> (state, metrics), by `lax.scan` over `step`.
+
+    batches: the batch pytree with a leading axis K; keys: [K, 2]. Every metric gains a leading axis K,
+    plus metrics["done"][k] (iteration k was applied). After the first pair-buffer overflow every later
+    iteration of the call is a no-op, so the returned state stops at the last completed iteration and the
+    caller can grow the buffer and continue from there: the result is the same as one call per iteration.
+    """
+
+    def multi(state, batches, keys):
+        def body(carry, xs):
+            st, blocked = carry
+            batch, key = xs
+            new, m = step(st, batch, key)
+            ok = ~blocked & ~m["overflow"]
+            st = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
+            m = dict(m)
+            m["done"] = ok
+            return (st, blocked | m["overflow"]), m
+
+        (state, _), metrics = jax.lax.scan(body, (state, jnp.zeros((), bool)), (batches, keys))
+        return state, metrics
+
+    return multi
