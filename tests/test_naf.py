@@ -1,5 +1,4 @@
 """NAF case pickles: reference layout, round trips, validation messages, unsafe pickles, atomic saving."""
-import copy
 import dataclasses
 import os
 import pickle

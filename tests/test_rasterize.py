@@ -9,7 +9,7 @@ import pytest
 
 from x2gs_jax.gaussians import Gaussians
 from x2gs_jax.geometry import Scanner
-from x2gs_jax.render import count_pairs, pair_capacity, preprocess, rasterize, rasterize_points, resolve_backend
+from x2gs_jax.render import count_pairs, pair_capacity, rasterize, rasterize_points, resolve_backend
 
 N_SLOTS = 32  # every random scene is padded to this many slots (zero density) so jit compiles once per camera
 

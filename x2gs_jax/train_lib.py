@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -256,7 +256,7 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str) -> dict:
     """Volume metrics (per phase for 4D) and 2D metrics on the val projections."""
     sc = case.scanner
     settings = step_settings(config, sc, stage, None)
-    params, active = state.params, state.active
+    params = state.params
 
     def gaussians_at(t):
         canonical = state.gaussians()

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 from x2gs_jax.densify import DensifyStats

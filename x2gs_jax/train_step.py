@@ -20,6 +20,7 @@ import optax
 
 from x2gs_jax import losses
 from x2gs_jax.densify import accumulate
+from x2gs_jax.densify import is_densify_iteration as densify_iteration
 from x2gs_jax.render import Grid, rasterize, voxelize
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 
@@ -48,10 +49,10 @@ class StepSettings:
 
 
 def is_densify_iteration(it, s: StepSettings):
-    """Reference rule: from < it < until and it % interval == 0 (works on ints and traced ints)."""
+    """The reference rule of `densify.is_densify_iteration` with the step's settings (ints or traced ints)."""
     if not s.densify_enabled:
         return jnp.zeros((), bool) if isinstance(it, jax.Array) else False
-    return (it > s.densify_from) & (it < s.densify_until) & (it % s.densify_interval == 0)
+    return densify_iteration(it, interval=s.densify_interval, start=s.densify_from, until=s.densify_until)
 
 
 class StaticModel:
