@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # where the embedded phantom is cached; empty = $X2GS_CACHE or ~/.cache/x2gs_jax
     c.data.phantom = ml_collections.ConfigDict(dict(
         breathing="regular",  # "static" (3D case), "regular" or "irregular"
-        size=128, detector=256, views=300, val_views=50, period_s=3.0, noise=0.0, seed=0))
+        size=128, detector=256, views=300, val_views=50, period_s=3.0, noise=0.0, seed=0,
+        box_mm=300.0))  # side of the cubic reconstruction box (voxel size = box_mm / size)
     c.data.init = ml_collections.ConfigDict(dict(
         method="fdk", n_points=50000, density_thresh=0.05, density_rescale=0.15, seed=0))
 

@@ -4,6 +4,7 @@ breathing period, trained on projections taken during free breathing (no phase b
   python train.py --config=configs/x2_gaussian.py --workdir=runs/x2                 # embedded phantom
   python train.py --config=configs/x2_gaussian.py --workdir=runs/x2 --config.data.path=case.pickle
   python train.py --config=configs/x2_gaussian.py:demo --workdir=runs/x2_demo      # CPU, minutes
+  python train.py --config=configs/x2_gaussian.py:ref64 --workdir=runs/x2_ref64    # the reference-comparison case
   python train.py --config=configs/x2_gaussian.py --workdir=runs/x2 --config.resume=runs/x2
 
 Defaults are the reference's (x2gaussian.md §4-§10); every constant it hard-codes (scan length, breathing
@@ -59,6 +60,16 @@ def get_config(arg=None):
         c.densify.interval = 50
         c.eval.iterations = (150, 400)
         c.checkpoint.every = 200
+    elif arg == "ref64":
+        # The reference-comparison case of the X2 issue: 64^3 GT at 4 mm, 96^2 detector, 300 views over 60 s and
+        # 360 deg, regular 3.0 s breathing, noiseless, 50k initial points, 12 000 iterations (3 000 static),
+        # reference defaults otherwise (LR schedules over 30k steps, densification until 15k).
+        c.data.phantom.update(dict(size=64, detector=96, views=300, val_views=50, box_mm=256.0))
+        c.data.init.n_points = 50000
+        c.train.iterations = 12000
+        c.train.coarse_iterations = 3000
+        c.eval.iterations = (3000, 7000, 12000)
+        c.checkpoint.every = 3000
     elif arg == "tiny":  # smoke tests: seconds
         c.data.phantom.update(dict(size=24, detector=32, views=24, val_views=4))
         c.data.init.n_points = 1500
@@ -77,5 +88,5 @@ def get_config(arg=None):
         c.log.every = 1
         c.log.tensorboard = False
     elif arg:
-        raise ValueError(f"configs/x2_gaussian.py: unknown variant {arg!r} (known: demo, tiny)")
+        raise ValueError(f"configs/x2_gaussian.py: unknown variant {arg!r} (known: demo, ref64, tiny)")
     return c

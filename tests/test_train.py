@@ -168,3 +168,44 @@ def test_pair_buffer_overflow_grows_and_redoes_the_iteration(tiny, tmp_path):
         results.append(np.load(workdir / "export" / "gaussians.npz"))
     for k in results[0].files:
         np.testing.assert_array_equal(results[0][k], results[1][k], err_msg=k)
+
+
+def test_results_do_not_depend_on_iterations_per_call(tiny, tmp_path):
+    """One iteration per jitted call vs 7 per call (padded, masked scans; chunks cut at densify, eval and
+    checkpoint iterations): the same parameters and losses."""
+    _, _, _, cache = tiny
+    exports, losses = [], []
+    for per_call in (1, 7):
+        config = r2_static.get_config("tiny")
+        config.data.cache_dir = cache
+        config.train.steps_per_call = per_call
+        workdir = tmp_path / f"k{per_call}"
+        train_lib.train_and_evaluate(config, str(workdir))
+        exports.append(np.load(workdir / "export" / "gaussians.npz"))
+        losses.append(_losses(workdir))
+    for k in exports[0].files:
+        np.testing.assert_allclose(exports[0][k], exports[1][k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert losses[0].keys() == losses[1].keys()
+    for s in losses[0]:
+        assert losses[0][s] == pytest.approx(losses[1][s], rel=1e-6), s
+
+
+def test_padded_scan_length():
+    from x2gs_jax.train_step import padded_length
+
+    assert [padded_length(n, 50) for n in (1, 2, 3, 17, 32, 33, 49, 50)] == [1, 2, 4, 32, 32, 50, 50, 50]
+    assert padded_length(5, 1) == 1
+
+
+def test_chunks_end_on_boundaries(tiny):
+    config = r2_static.get_config("tiny")
+    config.train.steps_per_call = 7
+    ends, it = [], 1
+    while it <= 20:
+        e = train_lib.chunk_end(it, config, 20, 20)
+        assert e >= it
+        ends.append(e)
+        it = e + 1
+    # tiny: densify every 5 from 5 until 16 (iterations 10, 15), checkpoints every 10, eval at 20, calls of
+    # at most 7 aligned to multiples of 7.
+    assert ends == [7, 10, 14, 15, 20]

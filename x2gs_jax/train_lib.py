@@ -29,7 +29,8 @@ from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, write_nifti
 from x2gs_jax.gaussians import Gaussians, grow, load_init_points, next_capacity
 from x2gs_jax.optim import group_specs_from_config, make_optimizer
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, param_labels, params_from_gaussians
-from x2gs_jax.train_step import StaticModel, StepSettings, is_densify_iteration, make_multi_step, make_train_step
+from x2gs_jax.train_step import (StaticModel, StepSettings, is_densify_iteration, make_multi_step, make_train_step,
+                                  padded_length)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,13 +49,15 @@ def resolve_case_path(config: ml_collections.ConfigDict) -> str:
     p = config.data.phantom
     cache = config.data.cache_dir or os.environ.get("X2GS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "x2gs_jax")
     name = f"phantom_{p.breathing}_s{p.size}_d{p.detector}_v{p.views}_val{p.val_views}_n{p.noise:g}_T{p.period_s:g}_seed{p.seed}"
+    if p.box_mm != 300.0:
+        name += f"_box{p.box_mm:g}"
     path = os.path.join(cache, name.replace(".", "p") + ".pickle")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         print(f"generating the embedded phantom case once: {path}")
         generate_case(path, size=p.size, detector=p.detector, views=p.views, val_views=p.val_views,
                       noise=p.noise, period=p.period_s, static=(p.breathing == "static"),
-                      irregular=(p.breathing == "irregular"), seed=p.seed, preview=False)
+                      irregular=(p.breathing == "irregular"), seed=p.seed, preview=False, box_mm=p.box_mm)
     return path
 
 
@@ -338,17 +341,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage_start = 1 if stage == "coarse" else coarse_end + 1
             end = chunk_end(it0, config, total, coarse_end)
             its = np.arange(it0, end + 1)
-            fn_key = (stage, state.capacity, max_pairs, len(its))
+            # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
+            # every chunk of a stage, capacity and pair buffer.
+            n_scan = padded_length(len(its), config.train.steps_per_call)
+            its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
+            fn_key = (stage, state.capacity, max_pairs, n_scan)
             if fn_key not in steps:
                 settings = step_settings(config, sc, stage, max_pairs)
                 opt = build_optimizer(config, state.params)
                 steps[fn_key] = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0)
             V = int(config.train.views_per_step)
             views = np.array([[view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed)
-                               for j in range(V)] for it in its])
-            keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
+                               for j in range(V)] for it in its_padded])
+            keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its_padded, jnp.int32))
             t0 = time.perf_counter()
-            state, metrics = steps[fn_key](state, data.batch(views), keys)
+            state, metrics = steps[fn_key](state, data.batch(views), keys, jnp.int32(len(its)))
             metrics = jax.device_get(metrics)  # one host transfer per call
             dt = (time.perf_counter() - t0) / len(its)
             for k, it in enumerate(its):
@@ -392,8 +399,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def chunk_end(it0: int, config, total: int, coarse_end: int) -> int:
     """Last iteration of the jitted call that starts at it0: the nearest of the stage end, the next densify,
-    evaluation or checkpoint iteration, and it0 + train.steps_per_call - 1 (host work happens between calls)."""
-    ends = [total, it0 + max(1, int(config.train.steps_per_call)) - 1]
+    evaluation or checkpoint iteration, and the next multiple of train.steps_per_call (host work happens
+    between calls)."""
+    per_call = max(1, int(config.train.steps_per_call))
+    ends = [total, -(-it0 // per_call) * per_call]  # calls end on multiples of steps_per_call (aligned chunks)
     if it0 <= coarse_end:
         ends.append(coarse_end)
     d = config.densify

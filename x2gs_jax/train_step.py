@@ -157,26 +157,35 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
 
 
 def make_multi_step(step: Callable) -> Callable:
-    """K iterations in one call, (state, batches, keys) -> (state, metrics), by `lax.scan` over `step`.
+    """K iterations in one call, (state, batches, keys, n_valid) -> (state, metrics), by `lax.scan` over `step`.
 
-    batches: the batch pytree with a leading axis K; keys: [K, 2]. Every metric gains a leading axis K,
-    plus metrics["done"][k] (iteration k was applied). After the first pair-buffer overflow every later
-    iteration of the call is a no-op, so the returned state stops at the last completed iteration and the
-    caller can grow the buffer and continue from there: the result is the same as one call per iteration.
+    batches: the batch pytree with a leading axis K; keys: [K, 2]; n_valid: int32 scalar, only the first
+    n_valid iterations are applied (the rest are padding, so that calls of different lengths share one
+    compiled function). Every metric gains a leading axis K, plus metrics["done"][k] (iteration k was
+    applied). After the first pair-buffer overflow every later iteration of the call is a no-op, so the
+    returned state stops at the last completed iteration and the caller can grow the buffer and continue
+    from there: the result is the same as one call per iteration.
     """
 
-    def multi(state, batches, keys):
+    def multi(state, batches, keys, n_valid):
         def body(carry, xs):
             st, blocked = carry
-            batch, key = xs
+            batch, key, k = xs
             new, m = step(st, batch, key)
-            ok = ~blocked & ~m["overflow"]
+            ok = ~blocked & ~m["overflow"] & (k < n_valid)
             st = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
             m = dict(m)
             m["done"] = ok
-            return (st, blocked | m["overflow"]), m
+            return (st, blocked | ~ok), m
 
-        (state, _), metrics = jax.lax.scan(body, (state, jnp.zeros((), bool)), (batches, keys))
+        n = keys.shape[0]
+        (state, _), metrics = jax.lax.scan(body, (state, jnp.zeros((), bool)),
+                                           (batches, keys, jnp.arange(n, dtype=jnp.int32)))
         return state, metrics
 
     return multi
+
+
+def padded_length(n: int, max_len: int) -> int:
+    """Scan length for a call of n iterations: the next power of two, capped at max_len (few compilations)."""
+    return max(1, min(int(max_len), 1 << (int(n) - 1).bit_length()))

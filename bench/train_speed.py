@@ -1,0 +1,130 @@
+"""Training-step throughput: iterations per second and peak GPU memory of the jitted training loop.
+
+  python bench/train_speed.py --model static --gaussians 50000,200000 --detector 512 --json OUT.json
+  python bench/train_speed.py --model x2 --gaussians 50000,200000 --detector 512 --json OUT.json
+
+Cases (fixed seeds): the embedded phantom (128³ GT) projected on a `--detector`² detector (static: 50 views;
+x2: 300 views over the 60 s scan), FDK-initialised with exactly N Gaussians, densification off so N stays
+fixed. `static` times the R2 step (render + L1/D-SSIM + 3D TV on a 32³ patch + Adam); `x2` times the fine
+stage of X2-Gaussian with the default field and the periodic-consistency render on (the reference's slowest
+phase). Each call runs `train.steps_per_call` iterations in one jitted `lax.scan`, exactly as `train.py`.
+Timing: one warm-up call (compilation), then the median over --repeats calls; it/s = iterations / call time.
+Peak memory: the device allocator's peak after the runs (`memory_stats()["peak_bytes_in_use"]`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import r2_static, x2_gaussian  # noqa: E402
+from x2gs_jax import train_lib  # noqa: E402
+from x2gs_jax.data.naf import load_case  # noqa: E402
+from x2gs_jax.train_step import make_multi_step, make_train_step  # noqa: E402
+
+
+def bench_config(model: str, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50):
+    if model == "static":
+        c = r2_static.get_config()
+    else:
+        c = x2_gaussian.get_config()
+        c.data.phantom.views = 300
+        c.train.coarse_iterations = 0  # straight into the fine stage
+        c.loss.periodic_start = 0  # periodic render on from the first fine iteration
+    c.data.phantom.detector = detector
+    c.data.phantom.size = size
+    c.train.steps_per_call = per_call
+    c.data.phantom.val_views = 1
+    c.data.cache_dir = cache
+    c.densify.enabled = False
+    c.render.backend = backend
+    return c
+
+
+def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
+             per_call: int = 50) -> dict:
+    config = bench_config(model, detector, cache, backend, size, per_call)
+    case_path = train_lib.resolve_case_path(config)
+    case = load_case(case_path)
+    from x2gs_jax.ct.init_pcd import init_points
+    from x2gs_jax.gaussians import load_init_points
+
+    pts_path = os.path.join(cache, f"init_{model}_s{size}_d{detector}_n{n}.npy")
+    if not os.path.exists(pts_path):
+        np.save(pts_path, init_points(case, n_points=n, density_thresh=config.data.init.density_thresh,
+                                      density_rescale=config.data.init.density_rescale, method="fdk", seed=0))
+    points = load_init_points(pts_path)
+    dyn = train_lib.make_model(config, case)
+    state = train_lib.init_state(config, case, points, dyn)
+    data = train_lib.TrainData(case)
+    stage = "coarse" if model == "static" else "fine"
+    max_pairs = train_lib.grown_pair_capacity(state, data, None)
+    settings = train_lib.step_settings(config, case.scanner, stage, max_pairs)
+    opt = train_lib.build_optimizer(config, state.params)
+    multi = jax.jit(make_multi_step(make_train_step(dyn, settings, opt)), donate_argnums=0)
+    k = int(config.train.steps_per_call)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+
+    def call(state, first_it):
+        its = np.arange(first_it, first_it + k)
+        views = np.array([[train_lib.view_index(int(i), 1, data.n_train, 0)] for i in its])
+        keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
+        t0 = time.perf_counter()
+        state, m = multi(state, data.batch(views), keys, jnp.int32(k))
+        done = np.asarray(jax.device_get(m["done"]))
+        return state, time.perf_counter() - t0, bool(done.all()), float(np.asarray(m["loss"])[-1])
+
+    t0 = time.perf_counter()
+    state, _, ok, _ = call(state, 1)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for r in range(repeats):
+        state, dt, ok_r, loss = call(state, 1 + k * (r + 1))
+        ok = ok and ok_r
+        times.append(dt)
+    if not ok:
+        raise RuntimeError(f"{model} N={n}: an iteration did not complete (pair-buffer overflow?)")
+    med = statistics.median(times)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    return {"model": model, "gaussians": n, "detector": detector, "backend": backend,
+            "iterations_per_call": k, "calls": repeats, "median_call_s": med, "it_per_s": k / med,
+            "ms_per_it": 1e3 * med / k, "first_call_s": compile_s, "params": n_params, "final_loss": loss,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": dev.device_kind}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("static", "x2"), default="static")
+    ap.add_argument("--gaussians", default="50000,200000")
+    ap.add_argument("--detector", type=int, default=512)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=128, help="phantom GT size (smaller: smoke runs)")
+    ap.add_argument("--steps-per-call", type=int, default=50)
+    ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    os.makedirs(args.cache, exist_ok=True)
+    results = []
+    for n in (int(v) for v in args.gaussians.split(",")):
+        r = run_case(args.model, n, args.detector, args.cache, args.backend, args.repeats, args.size,
+                     args.steps_per_call)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if args.json:  # after every case: a cut-off run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
