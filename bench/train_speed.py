@@ -50,8 +50,9 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
     return c
 
 
-def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
-             per_call: int = 50) -> dict:
+def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
+          donate: bool = True):
+    """(jitted multi-step, initial state, TrainData, config) of one benchmark case."""
     config = bench_config(model, detector, cache, backend, size, per_call)
     case_path = train_lib.resolve_case_path(config)
     case = load_case(case_path)
@@ -70,16 +71,27 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
     max_pairs = train_lib.grown_pair_capacity(state, data, None)
     settings = train_lib.step_settings(config, case.scanner, stage, max_pairs)
     opt = train_lib.build_optimizer(config, state.params)
-    multi = jax.jit(make_multi_step(make_train_step(dyn, settings, opt)), donate_argnums=0)
+    multi = jax.jit(make_multi_step(make_train_step(dyn, settings, opt)), donate_argnums=0 if donate else ())
+    return multi, state, data, config
+
+
+def batches(data, state, first_it: int, k: int):
+    its = np.arange(first_it, first_it + k)
+    views = np.array([[train_lib.view_index(int(i), 1, data.n_train, 0)] for i in its])
+    keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
+    return data.batch(views), keys
+
+
+def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
+             per_call: int = 50) -> dict:
+    multi, state, data, config = build(model, n, detector, cache, backend, size, per_call)
     k = int(config.train.steps_per_call)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
     def call(state, first_it):
-        its = np.arange(first_it, first_it + k)
-        views = np.array([[train_lib.view_index(int(i), 1, data.n_train, 0)] for i in its])
-        keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
+        batch, keys = batches(data, state, first_it, k)
         t0 = time.perf_counter()
-        state, m = multi(state, data.batch(views), keys, jnp.int32(k))
+        state, m = multi(state, batch, keys, jnp.int32(k))
         done = np.asarray(jax.device_get(m["done"]))
         return state, time.perf_counter() - t0, bool(done.all()), float(np.asarray(m["loss"])[-1])
 

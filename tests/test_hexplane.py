@@ -117,6 +117,43 @@ def _max_intermediate_size(jaxpr) -> int:
     return best
 
 
+@pytest.mark.parametrize("g_t", [-1.3, -0.37, 0.0, 0.5, 1.0, 1.4])
+def test_time_plane_fast_path_equals_general_sampling(g_t):
+    """One shared time (training, volume queries): same values and gradients (plane, u, t) as the general
+    per-point path, also with the time clamped at either end and under vmap over times."""
+    rng = np.random.default_rng(11)
+    plane = jnp.asarray(rng.uniform(0.2, 1.5, (4, 7, 9)), jnp.float32)
+    u = jnp.asarray(rng.uniform(-1.3, 1.3, 50), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(50, 4)), jnp.float32)
+    g_t = jnp.float32(g_t)
+
+    def general(pl, uu, tt):
+        return jnp.sum(hexplane.sample_plane(pl, uu, jnp.full_like(uu, tt)) * cot)
+
+    def fast(pl, uu, tt):
+        return jnp.sum(hexplane.sample_time_plane(pl, uu, tt) * cot)
+
+    np.testing.assert_allclose(np.asarray(hexplane.sample_time_plane(plane, u, g_t)),
+                               bilinear_ref(plane, u, np.full(50, float(g_t))), rtol=1e-6, atol=1e-6)
+    ga = jax.grad(general, argnums=(0, 1, 2))(plane, u, g_t)
+    gb = jax.grad(fast, argnums=(0, 1, 2))(plane, u, g_t)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    times = jnp.asarray([g_t, 0.25, -0.9], jnp.float32)
+    va = jax.vmap(jax.grad(general, argnums=(0, 2)), in_axes=(None, None, 0))(plane, u, times)
+    vb = jax.vmap(jax.grad(fast, argnums=(0, 2)), in_axes=(None, None, 0))(plane, u, times)
+    for a, b in zip(va, vb):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_time_and_per_point_time_give_the_same_features():
+    grid = random_grid(3)
+    xyz = jnp.asarray(np.random.default_rng(4).uniform(-1.5, 1.5, (40, 3)), jnp.float32)
+    a = hexplane.hexplane_features(grid, xyz, jnp.float32(0.37))
+    b = hexplane.hexplane_features(grid, xyz, jnp.full((40,), 0.37, jnp.float32))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def test_sample_plane_forward_and_backward_keep_nothing_bigger_than_NC():
     C, H, W, N = 4, 6, 5, 200  # N*C = 800 > plane size 120: any [4N, C] or [N, 4, C] buffer would show
     plane = jnp.ones((C, H, W))

@@ -83,13 +83,15 @@ def make_loss_fn(model, settings: StepSettings):
         canonical = gaussians_from_params(params, active, settings.scale_bound)
         key_deform, key_tv, key_extra = jax.random.split(key, 3)
 
-        def one_view(camera, image_gt, t, ndc_offset):
-            g, _ = model.gaussians_at(params, canonical, t, key_deform, settings)
+        # The Gaussians at each view's time, deformed once: the renders and the TV patch share them.
+        deformed = jax.vmap(lambda t: model.gaussians_at(params, canonical, t, key_deform, settings)[0])(batch["time"])
+
+        def one_view(g, camera, image_gt, ndc_offset):
             image, aux = _render_view(g, camera, ndc_offset, settings)
             total, terms = losses.render_loss(image, image_gt, settings.lambda_dssim)
             return total, terms, image, aux
 
-        totals, terms, images, aux = jax.vmap(one_view)(batch["camera"], batch["image"], batch["time"], ndc_offsets)
+        totals, terms, images, aux = jax.vmap(one_view)(deformed, batch["camera"], batch["image"], ndc_offsets)
         total = jnp.mean(totals)
         metrics = {f"loss_{k}": jnp.mean(v) for k, v in terms.items()}
 
@@ -98,7 +100,7 @@ def make_loss_fn(model, settings: StepSettings):
             size = jnp.asarray(settings.tv_size, jnp.float32)
             center = losses.tv_patch_center(key_tv, jnp.asarray(settings.bbox_min), jnp.asarray(settings.bbox_max), size)
             grid = Grid(n=(settings.tv_n,) * 3, size=size, center=center)
-            g_tv, _ = model.gaussians_at(params, canonical, batch["time"][0], key_deform, settings)
+            g_tv = jax.tree.map(lambda x: x[0], deformed)
             vol = voxelize(g_tv, grid, culling=settings.tv_culling, mean_grad=settings.tv_mean_grad,
                            backend=settings.backend)
             tv = losses.tv_3d(vol)

@@ -187,12 +187,73 @@ def _validated_sample(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array
     return sample_plane(plane, u, v)
 
 
+# ------------------------------------------------------------------------- time planes at one time
+def _time_rows(plane: jax.Array, g_t: jax.Array):
+    """The two plane rows around the scalar time coordinate g_t: (r0, r1 [C, R_a], j0, fj, dj)."""
+    j0, fj, dj = _axis_lookup(g_t, plane.shape[1])
+    r0 = jax.lax.dynamic_index_in_dim(plane, j0, axis=1, keepdims=False)
+    r1 = jax.lax.dynamic_index_in_dim(plane, j0 + 1, axis=1, keepdims=False)
+    return r0, r1, j0, fj, dj
+
+
+@jax.custom_vjp
+def sample_time_plane(plane: jax.Array, u: jax.Array, g_t: jax.Array) -> jax.Array:
+    """`sample_plane(plane, u, full(N, g_t))` for a time plane sampled at one time for every point.
+
+    The same bilinear value (up to rounding: interpolated along time first), computed as a 1-D lookup in the
+    time-interpolated row. Why: with one time for all N points, the plane gradient of the general path is
+    N scatter-adds into the same two rows, serialised by atomic contention on the GPU (the training
+    step's bottleneck); here it is a dense, deterministic one-hot product [R_a, N] x [N, C] instead.
+    Args: plane [C, R_t, R_a]; u [N] column coordinates; g_t [] time coordinate (differentiable).
+    """
+    return _time_fwd(plane, u, g_t)[0]
+
+
+def _time_fwd(plane, u, g_t):
+    r0, r1, _, fj, _ = _time_rows(plane, g_t)
+    line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
+    i0, fi, _ = _axis_lookup(u, plane.shape[2])
+    fi = fi[:, None]
+    out = (1.0 - fi) * line.at[i0].get(mode="promise_in_bounds") + fi * line.at[i0 + 1].get(mode="promise_in_bounds")
+    return out, (plane, u, g_t)
+
+
+def _time_bwd(res, g):
+    plane, u, g_t = res
+    _, _, ra = plane.shape
+    r0, r1, j0, fj, dj = _time_rows(plane, g_t)
+    line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
+    i0, fi, di = _axis_lookup(u, ra)
+    a = line.at[i0].get(mode="promise_in_bounds")
+    b = line.at[i0 + 1].get(mode="promise_in_bounds")
+    d_u = jnp.sum(g * (b - a), axis=1) * di
+    cols = jnp.arange(ra, dtype=jnp.int32)[None, :]
+    w = jnp.where(cols == i0[:, None], (1.0 - fi)[:, None], 0.0) + jnp.where(cols == i0[:, None] + 1, fi[:, None], 0.0)
+    d_line = jnp.dot(w.T, g, precision=jax.lax.Precision.HIGHEST)  # [R_a, C], exact float32 sums
+    d_plane = jnp.zeros_like(plane)
+    d_plane = d_plane.at[:, j0, :].add((1.0 - fj) * d_line.T)
+    d_plane = d_plane.at[:, j0 + 1, :].add(fj * d_line.T)
+    d_gt = jnp.sum((r1 - r0) * d_line.T) * dj
+    return d_plane, d_u.astype(u.dtype), d_gt.astype(g_t.dtype)
+
+
+sample_time_plane.defvjp(_time_fwd, _time_bwd)
+
+
 # ------------------------------------------------------------------------------------ features
-def level_features(planes: Sequence[jax.Array], coords: jax.Array) -> jax.Array:
-    """Element-wise product of the 6 plane samples of one level: [N, C] from coords [N, 4]."""
+def level_features(planes: Sequence[jax.Array], coords: jax.Array, g_t=None) -> jax.Array:
+    """Element-wise product of the 6 plane samples of one level: [N, C] from coords [N, 4].
+
+    g_t: optional scalar time coordinate shared by every point (then coords[:, 3] is ignored and the
+    time planes take the contention-free `sample_time_plane` path)."""
     feat = None
-    for plane, (a, b) in zip(planes, PLANE_PAIRS):
-        s = _validated_sample(plane, coords[:, a], coords[:, b])
+    for p, (plane, (a, b)) in enumerate(zip(planes, PLANE_PAIRS)):
+        if g_t is not None and p in TIME_PLANES:
+            if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
+                raise ValueError(f"sample_time_plane: plane must be [C, R_t>=2, R_a>=2], got {plane.shape}")
+            s = sample_time_plane(plane, coords[:, a], g_t)
+        else:
+            s = _validated_sample(plane, coords[:, a], coords[:, b])
         feat = s if feat is None else feat * s
     return feat
 
@@ -211,8 +272,11 @@ def hexplane_features(grid_params: Sequence[Sequence[jax.Array]], xyz: jax.Array
         (saves 6 [N, C] float32 arrays per level at the cost of re-gathering).
     """
     coords = normalise_coords(xyz, t, bounds, time_mapping)
+    # One time for all points (training renders, volume queries; also inside vmap over times): the
+    # time planes are sampled along their interpolated row (see sample_time_plane).
+    g_t = coords[0, 3] if jnp.ndim(t) == 0 else None
     fn = jax.checkpoint(level_features) if remat else level_features
-    return jnp.concatenate([fn(list(level), coords) for level in _check_grid(grid_params)], axis=1)
+    return jnp.concatenate([fn(list(level), coords, g_t) for level in _check_grid(grid_params)], axis=1)
 
 
 # ------------------------------------------------------------------------------------ validation

@@ -1,0 +1,45 @@
+"""Per-kernel GPU time of the jitted training loop (dev tool for profile-guided tuning).
+
+  python bench/profile_step.py --model x2 --gaussians 50000 --detector 512 [--steps 10] [--top 30]
+
+Same cases as bench/train_speed.py; prints the wall time per iteration, the summed GPU kernel time and the top
+kernels (count and ms per iteration) from a jax.profiler trace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax.numpy as jnp  # noqa: E402
+
+from bench.profile import gpu_kernels  # noqa: E402
+from bench.train_speed import batches, build  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("static", "x2"), default="x2")
+    ap.add_argument("--gaussians", type=int, default=50000)
+    ap.add_argument("--detector", type=int, default=512)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
+    args = ap.parse_args()
+    os.makedirs(args.cache, exist_ok=True)
+    multi, state, data, _ = build(args.model, args.gaussians, args.detector, args.cache, "auto", args.size,
+                                  args.steps, donate=False)
+    batch, keys = batches(data, state, 1, args.steps)
+    wall, kernels = gpu_kernels(lambda s: multi(s, batch, keys, jnp.int32(args.steps)), (state,), calls=3)
+    total = sum(ms for _, ms in kernels.values())
+    print(f"== {args.model} N={args.gaussians} {args.detector}^2: wall {wall / args.steps:.3f} ms/it, "
+          f"GPU kernels {total / args.steps:.3f} ms/it")
+    for name, (cnt, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"   {ms / args.steps:8.3f} ms/it  x{cnt / args.steps:6.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
