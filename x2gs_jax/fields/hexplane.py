@@ -141,6 +141,22 @@ def _corner_rows(plane: jax.Array, u: jax.Array, v: jax.Array):
     return rows, idx, (fi, fj), (di, dj)
 
 
+def _triton_scatter() -> bool:
+    """Plane gradients through the Triton scatter kernel: on a GPU (decided at trace time), unless
+    X2GS_PLANE_SCATTER=xla. CPU machines use XLA's scatter (the kernel's logic is tested in Triton's
+    interpreter there)."""
+    import os
+
+    if os.environ.get("X2GS_PLANE_SCATTER", "auto") == "xla" or jax.default_backend() != "gpu":
+        return False
+    try:
+        import kernels.plane_scatter  # noqa: F401
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @jax.custom_vjp
 def sample_plane(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
     """Bilinear sample [N, C] of a plane [C, R_b, R_a] at grid coordinates u (columns) and v (rows), [N].
@@ -169,9 +185,14 @@ def _sample_bwd(res, g):
     d_fi = jnp.sum(g * ((1.0 - fj2) * (p01 - p00) + fj2 * (p11 - p10)), axis=1)
     d_fj = jnp.sum(g * ((1.0 - fi2) * (p10 - p00) + fi2 * (p11 - p01)), axis=1)
     weights = ((1.0 - fi) * (1.0 - fj), fi * (1.0 - fj), (1.0 - fi) * fj, fi * fj)
-    table = jnp.zeros((rb * ra, c), plane.dtype)
-    for k, w in zip(idx, weights):  # four scatter-adds into one buffer, no [4N, C] concatenation
-        table = table.at[k].add(g * w[:, None], mode="promise_in_bounds")
+    if _triton_scatter():
+        from kernels.plane_scatter import scatter_rows  # GPU: XLA's scatter emitter is the bottleneck here
+
+        table = scatter_rows(jnp.stack(idx), jnp.stack(weights), g, rb * ra)
+    else:
+        table = jnp.zeros((rb * ra, c), plane.dtype)
+        for k, w in zip(idx, weights):  # four scatter-adds into one buffer, no [4N, C] concatenation
+            table = table.at[k].add(g * w[:, None], mode="promise_in_bounds")
     d_plane = table.T.reshape(c, rb, ra)
     return d_plane, (d_fi * di).astype(u.dtype), (d_fj * dj).astype(v.dtype)
 
