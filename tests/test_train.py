@@ -90,9 +90,23 @@ def test_view_order_is_an_epochwise_permutation():
     assert idx == [train_lib.view_index(i, 1, n, seed=3) for i in range(1, 3 * n + 1)]
 
 
-def _train_cmd(workdir, cache, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs/r2_static.py:tiny"),
+def _train_cmd(workdir, cache, *extra, config="configs/r2_static.py:tiny"):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, config),
             f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *extra]
+
+
+def _run_killed_after_first_checkpoint(cmd, workdir, env) -> list:
+    """Start `cmd`, SIGKILL it as soon as its first checkpoint has landed; returns the checkpoint steps."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = workdir / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if ckdir.exists() and any(p.name.isdigit() for p in ckdir.iterdir()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
 
 
 def _losses(workdir):
@@ -113,17 +127,7 @@ def test_exact_continuation_after_kill(tiny, tmp_path):
     subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=30"), check=True, env=env, cwd=ROOT,
                    capture_output=True)
     # A long run, SIGKILLed as soon as its first checkpoint has landed.
-    proc = subprocess.Popen(_train_cmd(broken, cache, "--config.train.iterations=400"), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckdir = broken / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckdir.exists() and any(p.name.isdigit() for p in ckdir.iterdir()):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+    steps = _run_killed_after_first_checkpoint(_train_cmd(broken, cache, "--config.train.iterations=400"), broken, env)
     assert steps and steps[-1] < 30, f"the run was not interrupted mid-way (checkpoints {steps})"
     subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=30", f"--config.resume={broken}"),
                    check=True, env=env, cwd=ROOT, capture_output=True)
@@ -209,3 +213,43 @@ def test_chunks_end_on_boundaries(tiny):
     # tiny: densify every 5 from 5 until 16 (iterations 10, 15), checkpoints every 10, eval at 20, calls of
     # at most 7 aligned to multiples of 7.
     assert ends == [7, 10, 14, 15, 20]
+
+
+def test_x2_demo_through_train_py_and_exact_continuation(tmp_path):
+    """The 4D model at :demo size through train.py (coarse stage, stage switch, fine stage with the periodic
+    render): a run killed after its first checkpoint and resumed in a fresh process ends with exactly the
+    parameters (Gaussians, period, field) and losses of an uninterrupted run."""
+    cache = str(tmp_path / "cache")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    common = ["--config.train.coarse_iterations=3", "--config.loss.periodic_start=5", "--config.densify.enabled=False",
+              "--config.checkpoint.every=2", "--config.log.every=1", "--config.log.tensorboard=False",
+              "--config.eval.iterations=(8,)"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    kw = dict(config="configs/x2_gaussian.py:demo")
+    subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=8", *common, **kw), check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    steps = _run_killed_after_first_checkpoint(
+        _train_cmd(broken, cache, "--config.train.iterations=400", *common, **kw), broken, env)
+    assert steps and steps[-1] < 8, f"the run was not interrupted mid-way (checkpoints {steps})"
+    subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=8", f"--config.resume={broken}", *common, **kw),
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    a = np.load(straight / "export" / "gaussians.npz")
+    b = np.load(broken / "export" / "gaussians.npz")
+    assert "period" in a.files
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        fa = ck.restore(os.path.abspath(straight / "export" / "field"))
+        fb = ck.restore(os.path.abspath(broken / "export" / "field"))
+    for x, y in zip(jax.tree.leaves(fa), jax.tree.leaves(fb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    la, lb = _losses(straight), _losses(broken)
+    assert set(range(1, 9)) <= set(la)
+    for s in range(steps[-1] + 1, 9):
+        assert la[s] == lb[s], (s, la[s], lb[s])
+    # The fine stage really ran with the periodic term (iterations > 5) and the field moved.
+    recs = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    fine = [r for r in recs if r["kind"] == "train" and r["step"] > 5]
+    assert fine and all(r["loss_render_prior"] > 0 for r in fine)

@@ -158,18 +158,13 @@ _densify_jit = jax.jit(_densify_impl, static_argnums=(4, 5, 6, 7))
 
 # ------------------------------------------------------------------------------------- the loop
 class RunLogger:
-    """metrics.jsonl (+ TensorBoard events when tensorboardX is available)."""
+    """metrics.jsonl and TensorBoard scalar events in <workdir>/tb (our own writer: no extra dependency)."""
 
     def __init__(self, workdir: str, tensorboard: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
+        from x2gs_jax.tb_events import EventWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except ImportError:
-                self._tb = None
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = EventWriter(os.path.join(workdir, "tb")) if tensorboard else None
 
     def write(self, step: int, record: dict, prefix: str = "train"):
         rec = {"step": int(step), "kind": prefix}
