@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
+    ap.add_argument("--hlo", default="", help="comma-separated fusion names (or auto: the 4 slowest) whose optimized HLO to print")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     multi, state, data, _ = build(args.model, args.gaussians, args.detector, args.cache, "auto", args.size,
@@ -39,6 +40,29 @@ def main():
           f"GPU kernels {total / args.steps:.3f} ms/it")
     for name, (cnt, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"   {ms / args.steps:8.3f} ms/it  x{cnt / args.steps:6.1f}  {name}")
+    if args.hlo:
+        text = multi.lower(state, batch, keys, jnp.int32(args.steps)).compile().as_text()
+        names = args.hlo.split(",")
+        if args.hlo == "auto":  # the four slowest XLA fusions of this profile
+            names = [n for n, _ in sorted(kernels.items(), key=lambda kv: -kv[1][1]) if "fusion" in n][:4]
+        for name in names:
+            print_fusion(text, name.strip())
+
+
+def print_fusion(hlo_text: str, name: str, max_lines: int = 60):
+    """The instruction that calls fusion `name` and the fused computation's body (what XLA merged there)."""
+    lines = hlo_text.splitlines()
+    calls = [ln for ln in lines if f" {name} = " in ln or f"%{name} = " in ln]
+    print(f"== {name}: " + (calls[0].strip()[:400] if calls else "not found"))
+    if calls and "calls=" in calls[0]:
+        comp = calls[0].split("calls=")[1].split(",")[0].split(" ")[0].strip("%")
+        start = next((i for i, ln in enumerate(lines) if ln.lstrip("%").startswith(comp + " ") or
+                      f"%{comp} " in ln.split("=")[0]), None)
+        if start is not None:
+            for ln in lines[start:start + max_lines]:
+                print("   " + ln.strip()[:300])
+                if ln.strip() == "}":
+                    break
 
 
 if __name__ == "__main__":

@@ -155,6 +155,18 @@ def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inp
     return tuple(outs)
 
 
+# Programs a launch should have to fill an H200 (132 SMs, several resident programs each).
+TARGET_PROGRAMS = 1024
+
+
+def split_factor(n_programs: int, slots_per_program: int, block: int, max_split: int = 64) -> int:
+    """Parts to split each program's slot range into (static): enough programs to fill the GPU when there are few
+    tiles, but no part shorter than ~4 chunks of `block` slots (the range is sized by the buffer's capacity)."""
+    want = -(-TARGET_PROGRAMS // max(1, int(n_programs)))
+    have = max(1, int(slots_per_program) // (4 * int(block)))
+    return int(max(1, min(want, have, int(max_split))))
+
+
 def merge_batch(fn: Callable) -> Callable:
     """Make `fn(*arrays) -> arrays`, whose every input and output has a leading batch axis B, vmappable.
 

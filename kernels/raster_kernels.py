@@ -18,6 +18,8 @@ prepare_triton()  # CPU: Triton's interpreter (tests); must precede the triton i
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.split_kernels import split_range  # noqa: E402
+
 
 @triton.jit
 def _params(params_ptr, b, g, ok, C: tl.constexpr):
@@ -42,10 +44,10 @@ def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLO
 
 
 @triton.jit
-def _members(params_ptr, box_ptr, b, c0, ty, tx, C: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Fallback: Gaussians c0 .. c0+BLOCK_G−1 whose tile box holds tile (ty, tx), with their records."""
+def _members(params_ptr, box_ptr, b, c0, cend, ty, tx, C: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Fallback: Gaussians c0 .. c0+BLOCK_G−1 (below cend) whose tile box holds tile (ty, tx), with records."""
     g = c0 + tl.arange(0, BLOCK_G)
-    inb = g < C
+    inb = g < cend
     base = box_ptr + (b * C + g) * 8
     r0 = tl.load(base + 0, mask=inb, other=0)
     q0 = tl.load(base + 1, mask=inb, other=0)
@@ -79,12 +81,15 @@ def _tile_pixels(t, GX: tl.constexpr):
 @triton.jit
 def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, img_ptr, C: tl.constexpr,
                       T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
-    """One program per (tile, view): I(x, y) = Σ_pairs [E ≤ 0][α ≥ 1e-5] α (§5), summed in registers.
+                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """One program per (tile, split part, view): the partial image of part s of the tile's pairs,
+    I_s(x, y) = Σ_pairs [E ≤ 0][α ≥ 1e-5] α (§5), summed in registers and written to img[b, s] (the caller
+    sums the SPLIT partial images: a fixed order, so the result is deterministic).
 
-    `init` aliases `img` and is never read: every in-image pixel is written (the tests pass a NaN init).
-    The next chunk's records are loaded before the current chunk is evaluated (hides the gather latency)."""
-    t = tl.program_id(0)
+    `init` aliases `img` and is never read: every in-image pixel of every part is written (the tests pass a NaN
+    init). The next chunk's records are loaded before the current chunk is evaluated (hides gather latency)."""
+    t = tl.program_id(0) // SPLIT
+    s = tl.program_id(0) % SPLIT
     b = tl.program_id(1)
     pxi, pyi = _tile_pixels(t, GX)
     px = pxi.to(tl.float32)
@@ -93,36 +98,38 @@ def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, img_pt
     end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
     acc = tl.zeros((256, BLOCK_G), dtype=tl.float32)
     if end <= P:
-        ok, g, mx, my, ca, cb, cc, w = _pairs(params_ptr, gid_ptr, b, start, end, C, P, BLOCK_G)
+        lo, hi = split_range(start, end, s, SPLIT, BLOCK_G)
+        ok, g, mx, my, ca, cb, cc, w = _pairs(params_ptr, gid_ptr, b, lo, hi, C, P, BLOCK_G)
         if INTERP:
-            k = start
-            while k < end:
-                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, end, C, P,
+            k = lo
+            while k < hi:
+                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
                 acc = _fwd_eval(acc, ok, mx, my, ca, cb, cc, w, px, py)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
                 k += BLOCK_G
         else:
-            for k in range(start, end, BLOCK_G):
-                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, end, C, P,
+            for k in range(lo, hi, BLOCK_G):
+                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
                 acc = _fwd_eval(acc, ok, mx, my, ca, cb, cc, w, px, py)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
-    else:  # capacity overflow on this tile: test every Gaussian's box
+    else:  # capacity overflow on this tile: test every Gaussian's box (part s of them)
         ty = t // GX
         tx = t % GX
+        c_lo, c_hi = split_range(0, C, s, SPLIT, BLOCK_G)
         if INTERP:
-            c0 = 0
-            while c0 < C:
-                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, ty, tx, C, BLOCK_G)
+            c0 = c_lo
+            while c0 < c_hi:
+                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
                 acc = _fwd_eval(acc, ok, mx, my, ca, cb, cc, w, px, py)
                 c0 += BLOCK_G
         else:
-            for c0 in range(0, C, BLOCK_G):
-                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, ty, tx, C, BLOCK_G)
+            for c0 in range(c_lo, c_hi, BLOCK_G):
+                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
                 acc = _fwd_eval(acc, ok, mx, my, ca, cb, cc, w, px, py)
     inside = (pxi < W) & (pyi < H)
-    tl.store(img_ptr + b * (H * W) + pyi * W + pxi, tl.sum(acc, axis=1), mask=inside)
+    tl.store(img_ptr + (b * SPLIT + s) * (H * W) + pyi * W + pxi, tl.sum(acc, axis=1), mask=inside)
 
 
 @triton.jit
@@ -149,11 +156,12 @@ def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C: tl.const
 @triton.jit
 def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, mom_ptr, C: tl.constexpr,
                       T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
-    """One program per (tile, view): per pair, (Σ Gg, Σ Gg δx, Σ Gg δy, Σ Gg δx², Σ Gg δx δy, Σ Gg δy²) over the
-    tile's contributing pixels (G = exp(E), g = ∂L/∂I), added into mom[b, g, 0:6] (zeroed before); §6.1's
-    per-Gaussian sums are linear in them. Same pair walk (prefetch, overflow fallback) as the forward."""
-    t = tl.program_id(0)
+                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    """One program per (tile, split part, view): per pair of the part, (Σ Gg, Σ Gg δx, Σ Gg δy, Σ Gg δx²,
+    Σ Gg δx δy, Σ Gg δy²) over the tile's contributing pixels (G = exp(E), g = ∂L/∂I), added into mom[b, g, 0:6]
+    (zeroed before); §6.1's per-Gaussian sums are linear in them. Same pair walk as the forward."""
+    t = tl.program_id(0) // SPLIT
+    s = tl.program_id(0) % SPLIT
     b = tl.program_id(1)
     pxi, pyi = _tile_pixels(t, GX)
     px = pxi.to(tl.float32)
@@ -163,31 +171,33 @@ def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, mom_pt
     start = tl.load(tstart_ptr + b * (T * SUB + 1) + t * SUB)
     end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
     if end <= P:
-        ok, g, mx, my, ca, cb, cc, w = _pairs(params_ptr, gid_ptr, b, start, end, C, P, BLOCK_G)
+        lo, hi = split_range(start, end, s, SPLIT, BLOCK_G)
+        ok, g, mx, my, ca, cb, cc, w = _pairs(params_ptr, gid_ptr, b, lo, hi, C, P, BLOCK_G)
         if INTERP:
-            k = start
-            while k < end:
-                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, end, C, P,
+            k = lo
+            while k < hi:
+                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
                 k += BLOCK_G
         else:
-            for k in range(start, end, BLOCK_G):
-                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, end, C, P,
+            for k in range(lo, hi, BLOCK_G):
+                ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
     else:
         ty = t // GX
         tx = t % GX
+        c_lo, c_hi = split_range(0, C, s, SPLIT, BLOCK_G)
         if INTERP:
-            c0 = 0
-            while c0 < C:
-                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, ty, tx, C, BLOCK_G)
+            c0 = c_lo
+            while c0 < c_hi:
+                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 c0 += BLOCK_G
         else:
-            for c0 in range(0, C, BLOCK_G):
-                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, ty, tx, C, BLOCK_G)
+            for c0 in range(c_lo, c_hi, BLOCK_G):
+                ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)

@@ -5,8 +5,10 @@ Pipeline for one view (vmap over cameras folds the views into one launch of each
   2. `kernels.binning.bin_tiles` (Triton count → JAX scan → Triton fill): Gaussian ids grouped by 16×16 tile
      in a static buffer of P slots. Gaussians that cannot contribute (culled, or ρμ < 1e-5 so every pixel fails
      α ≥ 1e-5, e.g. inactive slots with ρ = 0) get no pairs and cost nothing past step 1.
-  3. `raster_fwd_kernel`: one program per (tile, view) sums its pairs' footprints in registers (no depth sort:
-     the X-ray image is an order-independent sum) and writes the tile.
+  3. `raster_fwd_kernel`: one program per (tile, split part, view) sums its pairs' footprints in registers (no
+     depth sort: the X-ray image is an order-independent sum) and writes a partial tile; the parts are summed
+     in JAX. Splitting (`_launch.split_factor`) matters for small detectors: 96² has 36 tiles, each with
+     thousands of pairs, which alone would leave most of the GPU idle.
   4. Backward (`jax.custom_vjp` around 2-3): `raster_bwd_kernel` reduces each pair's 256 pixels to six
      moments and adds them atomically per Gaussian; the per-Gaussian formulas of §6.1 and the chain of §6.2
      (autodiff through `preprocess`, with the reference's guards) run in JAX, exactly as the reference path.
@@ -24,7 +26,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels._launch import launch, merge_batch, on_gpu
+from kernels._launch import launch, merge_batch, on_gpu, split_factor
 from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
 from x2gs_jax.render.projection import TILE, preprocess, tile_grid
 from x2gs_jax.render.rasterize_ref import RenderAux, pair_counts
@@ -50,19 +52,26 @@ def _grid(st: _Static):
 
 # ------------------------------------------------------------------------------------------- batched ops
 def _render_op(st: _Static, c: int):
-    """(params [B,C,8], box [B,C,8], tstart [B,T·SUB+1], gids [B,P], init [B,H,W]) → image [B,H,W]."""
+    """(params [B,C,8], box [B,C,8], tstart [B,T·SUB+1], gids [B,P]) → image [B,H,W]."""
     from kernels import raster_kernels as rk  # lazy: imports triton
 
     gx, n_tiles = _grid(st)
 
-    def run(params, box, tstart, gids, init):
+    def run(params, box, tstart, gids):
         b = params.shape[0]
-        (img,) = launch(rk.raster_fwd_kernel, (n_tiles, b),
-                        [jax.ShapeDtypeStruct((b, st.height, st.width), jnp.float32)],
-                        params, box, tstart, gids, init, aliases={4: 0}, num_warps=NUM_WARPS,
+        split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G)
+        out = jax.ShapeDtypeStruct((b, split, st.height, st.width), jnp.float32)
+        # `init` (never read by the kernel) aliases the output only in debug mode: a NaN start shows any pixel the
+        # kernel forgets. Otherwise the output starts uninitialised and a 1-element placeholder takes the slot.
+        if st.poison:
+            init, aliases = jnp.full(out.shape, jnp.nan, jnp.float32), {4: 0}
+        else:
+            init, aliases = jnp.zeros((1,), jnp.float32), {}
+        (img,) = launch(rk.raster_fwd_kernel, (n_tiles * split, b), [out], params, box, tstart, gids, init,
+                        aliases=aliases, num_warps=NUM_WARPS,
                         C=c, T=n_tiles, GX=gx, W=st.width, H=st.height, P=st.capacity, BLOCK_G=BLOCK_G,
-                        SUB=SUB, INTERP=not on_gpu())
-        return img
+                        SUB=SUB, SPLIT=split, INTERP=not on_gpu())
+        return jnp.sum(img, axis=1)  # the split parts, in a fixed order
 
     return merge_batch(run)
 
@@ -75,10 +84,11 @@ def _moments_op(st: _Static, c: int):
 
     def run(params, box, tstart, gids, g_image):
         b = params.shape[0]
-        (mom,) = launch(rk.raster_bwd_kernel, (n_tiles, b), [jax.ShapeDtypeStruct((b, c, 8), jnp.float32)],
+        split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G_BWD)
+        (mom,) = launch(rk.raster_bwd_kernel, (n_tiles * split, b), [jax.ShapeDtypeStruct((b, c, 8), jnp.float32)],
                         params, box, tstart, gids, g_image, zeroed=(0,), num_warps=NUM_WARPS_BWD,
                         C=c, T=n_tiles, GX=gx, W=st.width, H=st.height, P=st.capacity, BLOCK_G=BLOCK_G_BWD,
-                        SUB=SUB, INTERP=not on_gpu())
+                        SUB=SUB, SPLIT=split, INTERP=not on_gpu())
         return mom
 
     return merge_batch(run)
@@ -98,8 +108,7 @@ def _forward(st: _Static, means2d, conic, mu, rho, box):
     params = _pack(means2d, conic, rho * mu)[None]
     box = box[None]
     tstart, gids = bin_tiles(box, tile_grid=(gy, gx, 1), capacity=st.capacity)
-    init = jnp.full((1, st.height, st.width), jnp.nan if st.poison else 0.0, jnp.float32)
-    image = _render_op(st, c)(params, box, tstart, gids, init)
+    image = _render_op(st, c)(params, box, tstart, gids)
     return image[0], (params, box, tstart, gids)
 
 

@@ -16,6 +16,8 @@ prepare_triton()  # CPU: Triton's interpreter (tests); must precede the triton i
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.split_kernels import split_range  # noqa: E402
+
 
 @triton.jit
 def _voxels(t, GY: tl.constexpr, GZ: tl.constexpr):
@@ -53,10 +55,10 @@ def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLO
 
 
 @triton.jit
-def _members(params_ptr, box_ptr, b, c0, ta, tb, tc, C: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Fallback: Gaussians c0 .. c0+BLOCK_G−1 whose tile box holds tile (ta, tb, tc)."""
+def _members(params_ptr, box_ptr, b, c0, cend, ta, tb, tc, C: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Fallback: Gaussians c0 .. c0+BLOCK_G−1 (below cend) whose tile box holds tile (ta, tb, tc)."""
     g = c0 + tl.arange(0, BLOCK_G)
-    inb = g < C
+    inb = g < cend
     base = box_ptr + (b * C + g) * 8
     ok = (inb & (tl.load(base + 0, mask=inb, other=0) <= ta) & (ta < tl.load(base + 3, mask=inb, other=0))
           & (tl.load(base + 1, mask=inb, other=0) <= tb) & (tb < tl.load(base + 4, mask=inb, other=0))
@@ -83,10 +85,11 @@ def _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz
 def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, vol_ptr, C: tl.constexpr,
                      T: tl.constexpr, GY: tl.constexpr, GZ: tl.constexpr, NX: tl.constexpr, NY: tl.constexpr,
                      NZ: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr,
-                     INTERP: tl.constexpr):
+                     SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """vol = Σ_pairs [E ≤ 0][ρ exp(E) ≥ 1e-6] ρ exp(E) over the tile's 512 voxels (§7.2); `init` aliases `vol`
     and is never read (every in-grid voxel is written). Next chunk prefetched as in raster_fwd_kernel."""
-    t = tl.program_id(0)
+    t = tl.program_id(0) // SPLIT
+    s = tl.program_id(0) % SPLIT
     b = tl.program_id(1)
     i, j, k = _voxels(t, GY, GZ)
     cx = i.to(tl.float32) + 0.5
@@ -96,38 +99,40 @@ def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, vol_ptr
     end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
     acc = tl.zeros((512, BLOCK_G), dtype=tl.float32)
     if end <= P:
-        ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _pairs(params_ptr, gid_ptr, b, start, end, C, P,
+        lo, hi = split_range(start, end, s, SPLIT, BLOCK_G)
+        ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _pairs(params_ptr, gid_ptr, b, lo, hi, C, P,
                                                                      BLOCK_G)
         if INTERP:
-            p = start
-            while p < end:
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, end, C, P, BLOCK_G)
+            p = lo
+            while p < hi:
+                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
                 acc = _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz)
                 ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
                 p += BLOCK_G
         else:
-            for p in range(start, end, BLOCK_G):
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, end, C, P, BLOCK_G)
+            for p in range(lo, hi, BLOCK_G):
+                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
                 acc = _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz)
                 ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
     else:  # capacity overflow on this tile: test every Gaussian's box
         ta = t // (GY * GZ)
         tb = (t // GZ) % GY
         tc = t % GZ
+        c_lo, c_hi = split_range(0, C, s, SPLIT, BLOCK_G)
         if INTERP:
-            c0 = 0
-            while c0 < C:
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, ta, tb,
+            c0 = c_lo
+            while c0 < c_hi:
+                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
                                                                                tc, C, BLOCK_G)
                 acc = _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz)
                 c0 += BLOCK_G
         else:
-            for c0 in range(0, C, BLOCK_G):
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, ta, tb,
+            for c0 in range(c_lo, c_hi, BLOCK_G):
+                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
                                                                                tc, C, BLOCK_G)
                 acc = _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz)
     inside = (i < NX) & (j < NY) & (k < NZ)
-    tl.store(vol_ptr + b * (NX * NY * NZ) + (i * NY + j) * NZ + k, tl.sum(acc, axis=1), mask=inside)
+    tl.store(vol_ptr + (b * SPLIT + s) * (NX * NY * NZ) + (i * NY + j) * NZ + k, tl.sum(acc, axis=1), mask=inside)
 
 
 @triton.jit
@@ -163,10 +168,11 @@ def _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, 
 def voxel_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, cot_ptr, mom_ptr, C: tl.constexpr,
                      T: tl.constexpr, GY: tl.constexpr, GZ: tl.constexpr, NX: tl.constexpr, NY: tl.constexpr,
                      NZ: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr,
-                     INTERP: tl.constexpr):
+                     SPLIT: tl.constexpr, INTERP: tl.constexpr):
     """Per pair, the ten moments of the cotangent-weighted Gaussian over the tile's contributing voxels
     (G = exp(E), g = ∂L/∂vol), added into mom[b, g, 0:10] (zeroed before); §7.4's sums are linear in them."""
-    t = tl.program_id(0)
+    t = tl.program_id(0) // SPLIT
+    s = tl.program_id(0) % SPLIT
     b = tl.program_id(1)
     i, j, k = _voxels(t, GY, GZ)
     cx = i.to(tl.float32) + 0.5
@@ -177,33 +183,35 @@ def voxel_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, cot_ptr, mom_ptr,
     start = tl.load(tstart_ptr + b * (T * SUB + 1) + t * SUB)
     end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
     if end <= P:
-        ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _pairs(params_ptr, gid_ptr, b, start, end, C, P,
+        lo, hi = split_range(start, end, s, SPLIT, BLOCK_G)
+        ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _pairs(params_ptr, gid_ptr, b, lo, hi, C, P,
                                                                      BLOCK_G)
         if INTERP:
-            p = start
-            while p < end:
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, end, C, P, BLOCK_G)
+            p = lo
+            while p < hi:
+                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
                 ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
                 p += BLOCK_G
         else:
-            for p in range(start, end, BLOCK_G):
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, end, C, P, BLOCK_G)
+            for p in range(lo, hi, BLOCK_G):
+                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
                 ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
     else:
         ta = t // (GY * GZ)
         tb = (t // GZ) % GY
         tc = t % GZ
+        c_lo, c_hi = split_range(0, C, s, SPLIT, BLOCK_G)
         if INTERP:
-            c0 = 0
-            while c0 < C:
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, ta, tb,
+            c0 = c_lo
+            while c0 < c_hi:
+                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
                                                                                tc, C, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
                 c0 += BLOCK_G
         else:
-            for c0 in range(0, C, BLOCK_G):
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, ta, tb,
+            for c0 in range(c_lo, c_hi, BLOCK_G):
+                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
                                                                                tc, C, BLOCK_G)
                 _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)

@@ -6,7 +6,8 @@ Pipeline (a batch of Gaussian states under vmap is folded into one launch of eac
      (outside it every voxel is skipped by the threshold anyway). Culled, zero-density (inactive) and
      below-threshold Gaussians get an empty box: no pairs, no cost.
   2. `kernels.binning.bin_tiles` groups (Gaussian, 8³ tile) pairs by tile (Triton count → scan → fill).
-  3. `voxel_fwd_kernel`: one program per (tile, batch row) sums its pairs over the tile's 512 voxels.
+  3. `voxel_fwd_kernel`: one program per (tile, split part, batch row) sums its part of the tile's pairs over
+     the tile's 512 voxels; the parts are summed in JAX (few tiles, e.g. the 32³ TV patch: see split_factor).
   4. Backward (`jax.custom_vjp`): `voxel_bwd_kernel` reduces each pair to ten moments, added atomically per
      Gaussian; §7.4's chain (Q → Σ_v with the 1/(det² + 1e-7) guard → Σ → (s, q); v → m with the "true" or
      the reference's h²-scaled mean gradient) runs in JAX, as in the reference path.
@@ -22,7 +23,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels._launch import launch, merge_batch, on_gpu
+from kernels._launch import launch, merge_batch, on_gpu, split_factor
 from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
 from x2gs_jax.gaussians import covariance
 from x2gs_jax.render import voxelize_ref as vr
@@ -51,19 +52,26 @@ def _tiles(n: tuple) -> tuple:
 
 # ------------------------------------------------------------------------------------------- batched ops
 def _render_op(st: _Static, c: int):
-    """(params [B,C,12], box [B,C,8], tstart, gids, init [B,nx,ny,nz]) → volume [B,nx,ny,nz]."""
+    """(params [B,C,12], box [B,C,8], tstart, gids) → volume [B,nx,ny,nz]."""
     from kernels import voxel_kernels as vk  # lazy: imports triton
 
     ga, gb, gc = _tiles(st.n)
     n_tiles = ga * gb * gc
 
-    def run(params, box, tstart, gids, init):
+    def run(params, box, tstart, gids):
         b = params.shape[0]
-        (vol,) = launch(vk.voxel_fwd_kernel, (n_tiles, b), [jax.ShapeDtypeStruct((b,) + st.n, jnp.float32)],
-                        params, box, tstart, gids, init, aliases={4: 0}, num_warps=NUM_WARPS,
+        split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G)
+        out = jax.ShapeDtypeStruct((b, split) + st.n, jnp.float32)
+        # `init` (never read) aliases the output only in debug mode: a NaN start shows any voxel not written.
+        if st.poison:
+            init, aliases = jnp.full(out.shape, jnp.nan, jnp.float32), {4: 0}
+        else:
+            init, aliases = jnp.zeros((1,), jnp.float32), {}
+        (vol,) = launch(vk.voxel_fwd_kernel, (n_tiles * split, b), [out], params, box, tstart, gids, init,
+                        aliases=aliases, num_warps=NUM_WARPS,
                         C=c, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2], P=st.capacity,
-                        BLOCK_G=BLOCK_G, SUB=SUB, INTERP=not on_gpu())
-        return vol
+                        BLOCK_G=BLOCK_G, SUB=SUB, SPLIT=split, INTERP=not on_gpu())
+        return jnp.sum(vol, axis=1)  # the split parts, in a fixed order
 
     return merge_batch(run)
 
@@ -77,10 +85,11 @@ def _moments_op(st: _Static, c: int):
 
     def run(params, box, tstart, gids, cot):
         b = params.shape[0]
-        (mom,) = launch(vk.voxel_bwd_kernel, (n_tiles, b), [jax.ShapeDtypeStruct((b, c, 16), jnp.float32)],
+        split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G_BWD)
+        (mom,) = launch(vk.voxel_bwd_kernel, (n_tiles * split, b), [jax.ShapeDtypeStruct((b, c, 16), jnp.float32)],
                         params, box, tstart, gids, cot, zeroed=(0,), num_warps=NUM_WARPS_BWD,
                         C=c, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2], P=st.capacity,
-                        BLOCK_G=BLOCK_G_BWD, SUB=SUB, INTERP=not on_gpu())
+                        BLOCK_G=BLOCK_G_BWD, SUB=SUB, SPLIT=split, INTERP=not on_gpu())
         return mom
 
     return merge_batch(run)
@@ -110,8 +119,7 @@ def _forward(st: _Static, means, scales, rotations, densities, size, center):
     s, params, box = _setup(st, means, scales, rotations, densities, size, center)
     params, box = params[None], box[None]
     tstart, gids = bin_tiles(box, tile_grid=_tiles(st.n), capacity=st.capacity)
-    init = jnp.full((1,) + st.n, jnp.nan if st.poison else 0.0, jnp.float32)
-    vol = _render_op(st, c)(params, box, tstart, gids, init)
+    vol = _render_op(st, c)(params, box, tstart, gids)
     return vol[0], (s, params, box, tstart, gids)
 
 

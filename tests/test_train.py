@@ -67,6 +67,27 @@ def test_one_real_training_step(tiny):
     assert float(metrics["loss"]) == pytest.approx(expect, rel=1e-5)
 
 
+def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(tiny):
+    """Evaluations at different states share one compiled volume query and one view renderer (the state is an
+    argument, not a closure constant), and their results follow the state."""
+    config, case, points, _ = tiny
+    model = train_lib.StaticModel()
+    state = train_lib.init_state(config, case, points, model)
+    cache = {}
+    r1 = train_lib.evaluate(state, model, case, config, "coarse", cache)
+    fns = dict(cache["coarse"])
+    assert len(fns) == 2  # volumes + views
+    moved = state.replace(params={**state.params, "density": state.params["density"] - 0.5})
+    r2 = train_lib.evaluate(moved, model, case, config, "coarse", cache)
+    assert cache["coarse"] == fns  # same function objects
+    for fn in fns.values():
+        assert fn._cache_size() == 1  # one compilation served both evaluations
+    assert not np.allclose(r1["volumes"], r2["volumes"])
+    r3 = train_lib.evaluate(moved, model, case, config, "coarse")  # no cache: fresh compile, same numbers
+    np.testing.assert_array_equal(r2["volumes"], r3["volumes"])
+    assert r2["psnr_2d"] == r3["psnr_2d"]
+
+
 def test_densify_iteration_freezes_gaussians_but_counts_visits(tiny):
     config, case, points, _ = tiny
     state = train_lib.init_state(config, case, points, train_lib.StaticModel())

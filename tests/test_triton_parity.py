@@ -291,11 +291,19 @@ def _interpreter_available() -> bool:
 
 
 @pytest.mark.skipif(not _interpreter_available(), reason="needs triton (interpreter) on a CPU backend")
-def test_kernels_in_interpreter_cpu():
+@pytest.mark.parametrize("split", [None, 3])
+def test_kernels_in_interpreter_cpu(split, monkeypatch):
     """The same kernels in Triton's interpreter: a tiny cone render (vmapped over 2 views) and a tiny
     voxelization, with half the pair slots they need (both the pair-list and the overflow-fallback paths),
-    values and gradients against the reference path."""
+    values and gradients against the reference path. split=3: every tile's pair range (and the fallback's
+    Gaussian range) split over 3 programs, as small detectors and the TV patch get on a GPU."""
+    import kernels.rasterize
+    import kernels.voxelize
     from kernels import voxelize as kv
+
+    if split is not None:
+        for mod in (kernels.rasterize, kernels.voxelize):
+            monkeypatch.setattr(mod, "split_factor", lambda *a, **k: split)
     from kernels.rasterize import rasterize_points
     from kernels.voxelize import voxelize_points
     from x2gs_jax.render.rasterize_ref import count_pairs

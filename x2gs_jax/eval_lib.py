@@ -78,11 +78,6 @@ class Run:
         g, _ = self.model.gaussians_at(params, canonical, t, jax.random.PRNGKey(0), settings)
         return g
 
-    def gaussians_fn(self) -> Callable:
-        """t -> Gaussians (closes over the parameters; for `evaluation.render_views`)."""
-        params = jax.tree.map(jnp.asarray, self.params)
-        return lambda t: self.gaussians_at(params, t)
-
 
 # ------------------------------------------------------------------------------------------ loading
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -264,7 +259,8 @@ def render_val(run: Run, n: int) -> tuple[np.ndarray, np.ndarray]:
     sc = run.case.scanner
     cams = jax.vmap(sc.camera)(jnp.asarray(run.case.val.angles[:n], jnp.float32))
     vt = run.case.val.times[:n] if run.case.val.times is not None else np.zeros(n)
-    pred = E.render_views(run.gaussians_fn(), cams, vt, backend=run.config.render.backend)
+    pred = E.render_views(run.gaussians_at, cams, vt, backend=run.config.render.backend,
+                          params=jax.tree.map(jnp.asarray, run.params))
     return pred, run.case.val.projections[:n] * sc.scene_scale
 
 

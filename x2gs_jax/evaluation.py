@@ -28,10 +28,26 @@ def full_grid(scanner: Scanner) -> Grid:
 
 
 def query_volumes(gaussians_at: Callable, times: Sequence[float], grid: Grid, *, backend: str = "auto",
-                  culling: str = "extent") -> np.ndarray:
-    """Volumes [T, nx, ny, nz] of `gaussians_at(t) -> Gaussians` at each time (one jit, looped on host)."""
-    fn = jax.jit(lambda t: voxelize(gaussians_at(t), grid, culling=culling, backend=backend))
-    return np.stack([np.asarray(fn(jnp.float32(t))) for t in times])
+                  culling: str = "extent", params=None, jit_cache: Optional[dict] = None) -> np.ndarray:
+    """Volumes [T, nx, ny, nz] of the Gaussians at each time (one compiled function, looped on host).
+
+    gaussians_at: `t -> Gaussians`, or `(params, t) -> Gaussians` when `params` is given. Pass the parameters
+    that way for anything large: a closure would embed them in the compiled program as constants (slow to
+    compile, and recompiled for every new value). jit_cache: a dict owned by the caller in which the compiled
+    function is kept, so later calls with the same shapes (e.g. every in-training evaluation) reuse it.
+    """
+    key = ("volumes", tuple(int(v) for v in grid.n), tuple(np.asarray(grid.size, np.float64).tolist()),
+           tuple(np.asarray(grid.center, np.float64).tolist()), backend, culling,
+           gaussians_at if params is None else None)
+    fn = None if jit_cache is None else jit_cache.get(key)
+    if fn is None:
+        if params is None:
+            fn = jax.jit(lambda _, t: voxelize(gaussians_at(t), grid, culling=culling, backend=backend))
+        else:
+            fn = jax.jit(lambda p, t: voxelize(gaussians_at(p, t), grid, culling=culling, backend=backend))
+        if jit_cache is not None:
+            jit_cache[key] = fn
+    return np.stack([np.asarray(fn(params, jnp.float32(t))) for t in times])
 
 
 def volume_report(gt: np.ndarray, pred: np.ndarray) -> dict:
@@ -49,14 +65,24 @@ def volume_report(gt: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def render_views(gaussians_at: Callable, cameras, times, *, backend: str = "auto",
-                 max_pairs: Optional[int] = None) -> np.ndarray:
-    """Render every camera (batched Camera [n]) at its time: [n, H, W] scene-scaled projections."""
-    fn = jax.jit(lambda cam, t: rasterize(gaussians_at(t), cam, backend=backend, max_pairs=max_pairs))
+                 max_pairs: Optional[int] = None, params=None, jit_cache: Optional[dict] = None) -> np.ndarray:
+    """Render every camera (batched Camera [n]) at its time: [n, H, W] scene-scaled projections.
+
+    gaussians_at, params, jit_cache: as in `query_volumes`."""
+    key = ("views", backend, max_pairs, gaussians_at if params is None else None)
+    fn = None if jit_cache is None else jit_cache.get(key)
+    if fn is None:
+        if params is None:
+            fn = jax.jit(lambda _, cam, t: rasterize(gaussians_at(t), cam, backend=backend, max_pairs=max_pairs))
+        else:
+            fn = jax.jit(lambda p, cam, t: rasterize(gaussians_at(p, t), cam, backend=backend, max_pairs=max_pairs))
+        if jit_cache is not None:
+            jit_cache[key] = fn
     n = int(np.shape(times)[0])
     out = []
     for i in range(n):
         cam = jax.tree.map(lambda x: x[i], cameras)
-        out.append(np.asarray(fn(cam, jnp.float32(times[i]))))
+        out.append(np.asarray(fn(params, cam, jnp.float32(times[i]))))
     return np.stack(out)
 
 

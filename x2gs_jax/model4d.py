@@ -59,8 +59,35 @@ class X2Model:
             return canonical, {}
         return deform(params["field"], canonical, t, key, self.s.field)
 
+    # -- the Gaussians of a batch of training views
+    def view_gaussians(self, params, canonical, times, key, it, settings):
+        """(deformed Gaussians [V] at the views' times, cache for `extra_losses`).
+
+        After `periodic_start` the field is evaluated at [t, t + kT] for each view in one vmap over the two
+        times: the spatial-plane samples do not depend on time, so vmap computes them once and the backward
+        scatters their gradient once (the spatial planes' scatter-adds dominate the fine step)."""
+        if settings.stage != "fine":
+            return jax.vmap(lambda t: canonical)(times), None
+        field = params["field"]
+        shift = jax.vmap(lambda t: shifted_time(t, params["period"], self.s.scan_s, self.s.shift_cycles))(times)
+        on = it > self.s.periodic_start
+
+        def at_times(ts):  # ts [K] -> Gaussians [K]
+            return jax.vmap(lambda t: deform(field, canonical, t, key, self.s.field)[0])(ts)
+
+        def with_shift(_):
+            return jax.vmap(lambda t, ts: at_times(jnp.stack([t, ts])))(times, shift.t_shifted)
+
+        def without_shift(_):
+            g = jax.vmap(lambda t: at_times(t[None]))(times)
+            return jax.tree.map(lambda x: jnp.concatenate([x, x], axis=1), g)
+
+        both = jax.lax.cond(on, with_shift, without_shift, None)  # leaves [V, 2, ...]
+        pick = lambda k: jax.tree.map(lambda x: x[:, k], both)  # noqa: E731
+        return pick(0), {"shifted": pick(1), "shift_valid": shift.valid, "periodic_on": on}
+
     # -- losses beyond render + TV
-    def extra_losses(self, params, active, batch, key, it, settings, render_fn: Callable):
+    def extra_losses(self, params, active, batch, key, it, settings, render_fn: Callable, cache=None):
         if settings.stage != "fine":
             return jnp.zeros(()), {"period_s": period_seconds(params["period"])}
         grid = params["field"]["grid"]
@@ -68,23 +95,25 @@ class X2Model:
             spatial_planes(grid), time_planes(grid), plane_tv_weight=self.s.plane_tv_weight,
             time_smoothness_weight=self.s.time_smoothness_weight, l1_time_planes_weight=self.s.l1_time_planes_weight)
         metrics = {f"loss_{k}": v for k, v in terms.items()}
-        canonical = _canonical(params, active, settings)
+        if cache is None:  # called without view_gaussians: deform at the shifted times here
+            canonical = _canonical(params, active, settings)
+            shift = jax.vmap(lambda t: shifted_time(t, params["period"], self.s.scan_s, self.s.shift_cycles))(
+                batch["time"])
+            shifted = jax.vmap(lambda ts: deform(params["field"], canonical, ts, key, self.s.field)[0])(shift.t_shifted)
+            cache = {"shifted": shifted, "shift_valid": shift.valid, "periodic_on": it > self.s.periodic_start}
 
         def periodic_loss(_):
-            def one(camera, image_gt, t):
-                shift = shifted_time(t, params["period"], self.s.scan_s, self.s.shift_cycles)
-                g, _ = deform(params["field"], canonical, shift.t_shifted, key, self.s.field)
+            def one(g, camera, image_gt):
                 total, parts = losses.render_loss(render_fn(g, camera), image_gt, self.s.lambda_dssim)
-                return total, parts["l1"], parts["dssim"], shift.valid
-            total, l1, ds, valid = jax.vmap(one)(batch["camera"], batch["image"], batch["time"])
-            return jnp.mean(total), jnp.mean(l1), jnp.mean(ds), jnp.all(valid)
+                return total, parts["l1"], parts["dssim"]
+            total, l1, ds = jax.vmap(one)(cache["shifted"], batch["camera"], batch["image"])
+            return jnp.mean(total), jnp.mean(l1), jnp.mean(ds), jnp.all(cache["shift_valid"])
 
         def no_periodic(_):
             z = jnp.zeros(())
             return z, z, z, jnp.ones((), bool)
 
-        on = it > self.s.periodic_start
-        prior, prior_l1, prior_dssim, valid = jax.lax.cond(on, periodic_loss, no_periodic, None)
+        prior, prior_l1, prior_dssim, valid = jax.lax.cond(cache["periodic_on"], periodic_loss, no_periodic, None)
         metrics.update(loss_render_prior=prior_l1, loss_dssim_prior=prior_dssim,
                        period_s=period_seconds(params["period"]), period_shift_valid=valid)
         return reg + self.s.lambda_prior * prior, metrics

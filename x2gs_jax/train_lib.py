@@ -28,7 +28,8 @@ from x2gs_jax.densify import DensifyStats, densify_and_prune, required_capacity
 from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, write_nifti
 from x2gs_jax.gaussians import Gaussians, grow, load_init_points, next_capacity
 from x2gs_jax.optim import group_specs_from_config, make_optimizer
-from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, param_labels, params_from_gaussians
+from x2gs_jax.train_state import (GAUSSIAN_KEYS, TrainState, gaussians_from_params, param_labels,
+                                  params_from_gaussians)
 from x2gs_jax.train_step import (StaticModel, StepSettings, is_densify_iteration, make_multi_step, make_train_step,
                                   padded_length)
 
@@ -250,26 +251,34 @@ def make_model(config, case: Case):
     return make_dynamic_model(config, case)
 
 
-def evaluate(state: TrainState, model, case: Case, config, stage: str) -> dict:
-    """Volume metrics (per phase for 4D) and 2D metrics on the val projections."""
+def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache: Optional[dict] = None) -> dict:
+    """Volume metrics (per phase for 4D) and 2D metrics on the val projections.
+
+    The state enters the compiled functions as arguments (never as closure constants) and `jit_cache` (owned
+    by the training loop) keeps them, so every evaluation of a stage at the same capacity reuses one compile."""
     sc = case.scanner
     settings = step_settings(config, sc, stage, None)
-    params = state.params
+    inputs = (state.params, state.active)
 
-    def gaussians_at(t):
-        canonical = state.gaussians()
+    def gaussians_at(inputs, t):
+        params, active = inputs
+        canonical = gaussians_from_params(params, active, settings.scale_bound)
         g, _ = model.gaussians_at(params, canonical, t, jax.random.PRNGKey(0), settings)
         return g
 
+    # One traced function per stage (the model's behaviour differs) in the caller's cache.
+    stage_cache = None if jit_cache is None else jit_cache.setdefault(stage, {})
     grid = E.full_grid(sc)
     times = model.eval_times(case) if case.is_4d else [0.0]
-    vols = E.query_volumes(gaussians_at, times, grid, backend=config.render.backend)
+    vols = E.query_volumes(gaussians_at, times, grid, backend=config.render.backend, params=inputs,
+                           jit_cache=stage_cache)
     report = E.volume_report(case.volumes, vols if case.is_4d else vols[0])
     n_val = min(len(case.val), config.eval.max_val_views)
     if n_val > 0:
         cams = jax.vmap(sc.camera)(jnp.asarray(case.val.angles[:n_val], jnp.float32))
         vt = case.val.times[:n_val] if case.val.times is not None else np.zeros(n_val)
-        pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend)
+        pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend, params=inputs,
+                              jit_cache=stage_cache)
         report.update(E.projection_report(case.val.projections[:n_val] * sc.scene_scale, pred))
     report["volumes"] = vols
     return report
@@ -294,8 +303,32 @@ def checkpoint_meta(state: TrainState, config, stage: str) -> dict:
     return {"capacity": state.capacity, "step": int(state.step), "stage": stage, "config": config.to_json()}
 
 
+class PhaseTimer:
+    """Wall seconds per phase of the loop (setup, compile = first call of each jitted step, steps, densify,
+    eval, checkpoint, export): written to metrics.jsonl as one `timing` record, so a slow run says why."""
+
+    def __init__(self):
+        self.seconds = {}
+        self._t0 = time.perf_counter()
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + float(seconds)
+
+    def since(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.add(phase, now - t0)
+        return now
+
+    def report(self) -> dict:
+        out = {f"{k}_s": v for k, v in self.seconds.items()}
+        out["total_s"] = time.perf_counter() - self._t0
+        return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) training as configured; returns the final evaluation report (without volumes)."""
+    timer = PhaseTimer()
+    t_phase = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     case_path = resolve_case_path(config)
     case = load_case(case_path)
@@ -315,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = init_state(config, case, points, model)
     logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
+    t_phase = timer.since("setup", t_phase)
 
     total = int(config.train.iterations)
     coarse_end = min(int(config.train.coarse_iterations), total)
@@ -322,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # backend); grown from count_pairs whenever a step reports overflow.
     max_pairs = int(config.render.max_pairs) or None
     steps = {}
+    eval_fns = {}  # compiled evaluation functions, reused by every evaluation (see evaluate)
     last_report = {}
     report = {}
     bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True)
@@ -341,7 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             n_scan = padded_length(len(its), config.train.steps_per_call)
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, n_scan)
-            if fn_key not in steps:
+            first_call = fn_key not in steps
+            if first_call:
                 settings = step_settings(config, sc, stage, max_pairs)
                 opt = build_optimizer(config, state.params)
                 steps[fn_key] = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0)
@@ -353,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = steps[fn_key](state, data.batch(views), keys, jnp.int32(len(its)))
             metrics = jax.device_get(metrics)  # one host transfer per call
             dt = (time.perf_counter() - t0) / len(its)
+            t_phase = timer.since("compile_and_first_call" if first_call else "steps", t0)
             for k, it in enumerate(its):
                 if not metrics["done"][k]:
                     break
@@ -370,25 +407,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 max_pairs = grown_pair_capacity(state, data, max_pairs)
                 continue
             it = end
+            t_phase = time.perf_counter()
             if is_densify_iteration(it, step_settings(config, sc, stage, max_pairs)):
                 state, info = densify_step(state, config, sc, it)
+                jax.block_until_ready(state.active)
+                t_phase = timer.since("densify", t_phase)
                 if bool(info.get("overflow", False)):
                     raise RuntimeError(f"densification overflow at iteration {it}: {info}")
                 if int(info["num_active"]) == 0:
                     raise RuntimeError(f"no Gaussians left after densify/prune at iteration {it}")
             if it in tuple(config.eval.iterations) or it == total:
-                report = evaluate(state, model, case, config, stage)
+                report = evaluate(state, model, case, config, stage, eval_fns)
                 vols = report.pop("volumes")
                 logger.write(it, report, prefix="eval")
                 last_report = {"psnr3d": f"{report['psnr_3d_mean']:.2f}"}
                 if it == total:
                     save_outputs(workdir, {**report, "volumes": vols}, case)
+                t_phase = timer.since("eval", t_phase)
             if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
                 ckpt.save(it, state, checkpoint_meta(state, config, stage))
+                t_phase = timer.since("checkpoint", t_phase)
+        t_phase = time.perf_counter()
+        export_inference(workdir, state, config, case)
+        timer.since("export", t_phase)
+        timing = timer.report()
+        logger.write(int(state.step), timing, prefix="timing")
+        print("time per phase: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()))
     finally:
         bar.close()
         logger.close()
-    export_inference(workdir, state, config, case)
     return report
 
 

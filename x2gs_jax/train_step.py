@@ -63,7 +63,11 @@ class StaticModel:
     def gaussians_at(self, params, canonical, t, key, settings):
         return canonical, {}
 
-    def extra_losses(self, params, active, batch, key, it, settings, render_fn):
+    def view_gaussians(self, params, canonical, times, key, it, settings):
+        """(Gaussians [V] for the batch's views, cache passed on to extra_losses)."""
+        return jax.vmap(lambda t: canonical)(times), None
+
+    def extra_losses(self, params, active, batch, key, it, settings, render_fn, cache=None):
         return jnp.zeros(()), {}
 
     def gates(self, it, settings) -> dict:
@@ -83,8 +87,9 @@ def make_loss_fn(model, settings: StepSettings):
         canonical = gaussians_from_params(params, active, settings.scale_bound)
         key_deform, key_tv, key_extra = jax.random.split(key, 3)
 
-        # The Gaussians at each view's time, deformed once: the renders and the TV patch share them.
-        deformed = jax.vmap(lambda t: model.gaussians_at(params, canonical, t, key_deform, settings)[0])(batch["time"])
+        # The Gaussians at each view's time, deformed once: the renders, the TV patch and the model's extra
+        # losses (through `cache`, e.g. X2's periodic render) share them.
+        deformed, cache = model.view_gaussians(params, canonical, batch["time"], key_deform, it, settings)
 
         def one_view(g, camera, image_gt, ndc_offset):
             image, aux = _render_view(g, camera, ndc_offset, settings)
@@ -108,7 +113,7 @@ def make_loss_fn(model, settings: StepSettings):
             metrics["loss_tv"] = tv
 
         extra, extra_terms = model.extra_losses(params, active, batch, key_extra, it, settings,
-                                                lambda g, cam: _render_view(g, cam, None, settings)[0])
+                                                lambda g, cam: _render_view(g, cam, None, settings)[0], cache)
         total = total + extra
         metrics.update(extra_terms)
         metrics["loss"] = total
