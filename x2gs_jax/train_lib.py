@@ -304,8 +304,9 @@ def checkpoint_meta(state: TrainState, config, stage: str) -> dict:
 
 
 class PhaseTimer:
-    """Wall seconds per phase of the loop (setup, compile = first call of each jitted step, steps, densify,
-    eval, checkpoint, export): written to metrics.jsonl as one `timing` record, so a slow run says why."""
+    """Wall seconds per phase of the loop (setup, trace_and_lower and xla_compile of each new step function,
+    steps, densify, eval, checkpoint, export): written to metrics.jsonl as one `timing` record, so a slow run
+    says why."""
 
     def __init__(self):
         self.seconds = {}
@@ -376,20 +377,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             n_scan = padded_length(len(its), config.train.steps_per_call)
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, n_scan)
-            first_call = fn_key not in steps
-            if first_call:
-                settings = step_settings(config, sc, stage, max_pairs)
-                opt = build_optimizer(config, state.params)
-                steps[fn_key] = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0)
             V = int(config.train.views_per_step)
             views = np.array([[view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed)
                                for j in range(V)] for it in its_padded])
             keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its_padded, jnp.int32))
+            args = (state, data.batch(views), keys, jnp.int32(len(its)))
+            if fn_key not in steps:
+                # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
+                # compiled here, by jax-triton) and XLA's compilation.
+                t0 = time.perf_counter()
+                settings = step_settings(config, sc, stage, max_pairs)
+                opt = build_optimizer(config, state.params)
+                lowered = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0).lower(*args)
+                t0 = timer.since("trace_and_lower", t0)
+                steps[fn_key] = lowered.compile()
+                timer.since("xla_compile", t0)
             t0 = time.perf_counter()
-            state, metrics = steps[fn_key](state, data.batch(views), keys, jnp.int32(len(its)))
+            state, metrics = steps[fn_key](*args)
+            del args  # the state was donated
             metrics = jax.device_get(metrics)  # one host transfer per call
             dt = (time.perf_counter() - t0) / len(its)
-            t_phase = timer.since("compile_and_first_call" if first_call else "steps", t0)
+            t_phase = timer.since("steps", t0)
             for k, it in enumerate(its):
                 if not metrics["done"][k]:
                     break

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The X2 end-to-end runs behind README "Measured results" and BENCHMARKS.md, one after the other (timings are
+# only comparable when nothing else uses the GPU): train.py, then eval.py, for each named case.
+#
+#   bash bench/x2_runs.sh OUT_DIR [case ...]      cases: ref64 ref64_irregular default (default: all three)
+#
+# Each case writes runs/<case>/ (checkpoints, export, metrics.jsonl with the `timing` record) and copies
+# metrics.jsonl, eval/metrics.json, tidal.csv and the pictures to OUT_DIR/<case>/. The phantoms are generated
+# first (cached; see configs/common.py data.cache_dir / $X2GS_CACHE), so data generation is not in the timings.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash bench/x2_runs.sh OUT_DIR [case ...]}
+shift
+cases=("$@")
+[ ${#cases[@]} -eq 0 ] && cases=(ref64 ref64_irregular default)
+mkdir -p "$out"
+
+flags() {  # the train.py flags of a case
+  case $1 in
+    ref64) echo "--config=configs/x2_gaussian.py:ref64" ;;
+    ref64_irregular) echo "--config=configs/x2_gaussian.py:ref64 --config.data.phantom.breathing=irregular" ;;
+    default) echo "--config=configs/x2_gaussian.py" ;;
+    *) echo "unknown case $1" >&2; return 1 ;;
+  esac
+}
+
+for c in "${cases[@]}"; do  # generate (and cache) every phantom + initial point cloud before timing anything
+  python - $(flags "$c") <<'PY' || exit 1
+import sys
+sys.path.insert(0, ".")
+from ml_collections import config_flags
+from absl import flags
+from x2gs_jax import train_lib
+from x2gs_jax.data.naf import load_case
+cfg = config_flags.DEFINE_config_file("config")
+flags.FLAGS(["gen"] + sys.argv[1:])
+path = train_lib.resolve_case_path(cfg.value)
+train_lib.initial_points(path, load_case(path), cfg.value)
+print(path)
+PY
+done
+
+for c in "${cases[@]}"; do
+  rm -rf "runs/$c"
+  echo "== $c: train $(date +%T)"
+  python train.py --workdir="runs/$c" $(flags "$c") > "$out/$c.train.log" 2>&1 || { echo "$c: train.py failed"; continue; }
+  grep "time per phase" "$out/$c.train.log"
+  echo "== $c: eval $(date +%T)"
+  python eval.py --workdir="runs/$c" > "$out/$c.eval.log" 2>&1 || echo "$c: eval.py failed"
+  mkdir -p "$out/$c"
+  cp "runs/$c/metrics.jsonl" "$out/$c/" 2>/dev/null
+  cp runs/"$c"/eval/*.json runs/"$c"/eval/*.csv runs/"$c"/eval/*.png runs/"$c"/eval/*.gif "$out/$c/" 2>/dev/null
+done
+echo "== done $(date +%T)"
