@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scale_min = 0.0005
     c.model.scale_max = 0.5
     c.model.initial_capacity_factor = 1.25  # capacity = factor * initial points (grows by doubling)
+    # When densification needs more slots than the buffers have, they grow (by doubling) to hold at least
+    # headroom x the needed number: a burst of densification then costs one re-allocation and one
+    # recompilation of the step instead of several (capped at densify.max_num_gaussians).
+    c.model.capacity_headroom = 1.5
 
     c.train = ml_collections.ConfigDict()
     c.train.iterations = 30000

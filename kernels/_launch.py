@@ -167,6 +167,16 @@ def split_factor(n_programs: int, slots_per_program: int, block: int, max_split:
     return int(max(1, min(want, have, int(max_split))))
 
 
+def debug_init(out: jax.ShapeDtypeStruct, poison: bool, index: int) -> tuple:
+    """(init, aliases) for a kernel whose input `index` is an `init` buffer it never reads.
+
+    Debug mode (poison): init is NaN and aliases the output, so any element the kernel forgets to write shows.
+    Otherwise the output starts uninitialised (no memset) and a 1-element placeholder fills the argument slot."""
+    if poison:
+        return jnp.full(out.shape, jnp.nan, out.dtype), {index: 0}
+    return jnp.zeros((1,), out.dtype), {}
+
+
 def merge_batch(fn: Callable) -> Callable:
     """Make `fn(*arrays) -> arrays`, whose every input and output has a leading batch axis B, vmappable.
 

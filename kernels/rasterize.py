@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels._launch import launch, merge_batch, on_gpu, split_factor
+from kernels._launch import debug_init, launch, merge_batch, on_gpu, split_factor
 from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
 from x2gs_jax.render.projection import TILE, preprocess, tile_grid
 from x2gs_jax.render.rasterize_ref import RenderAux, pair_counts
@@ -61,12 +61,7 @@ def _render_op(st: _Static, c: int):
         b = params.shape[0]
         split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G)
         out = jax.ShapeDtypeStruct((b, split, st.height, st.width), jnp.float32)
-        # `init` (never read by the kernel) aliases the output only in debug mode: a NaN start shows any pixel the
-        # kernel forgets. Otherwise the output starts uninitialised and a 1-element placeholder takes the slot.
-        if st.poison:
-            init, aliases = jnp.full(out.shape, jnp.nan, jnp.float32), {4: 0}
-        else:
-            init, aliases = jnp.zeros((1,), jnp.float32), {}
+        init, aliases = debug_init(out, st.poison, 4)
         (img,) = launch(rk.raster_fwd_kernel, (n_tiles * split, b), [out], params, box, tstart, gids, init,
                         aliases=aliases, num_warps=NUM_WARPS,
                         C=c, T=n_tiles, GX=gx, W=st.width, H=st.height, P=st.capacity, BLOCK_G=BLOCK_G,

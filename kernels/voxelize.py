@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from kernels._launch import launch, merge_batch, on_gpu, split_factor
+from kernels._launch import debug_init, launch, merge_batch, on_gpu, split_factor
 from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
 from x2gs_jax.gaussians import covariance
 from x2gs_jax.render import voxelize_ref as vr
@@ -62,11 +62,7 @@ def _render_op(st: _Static, c: int):
         b = params.shape[0]
         split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G)
         out = jax.ShapeDtypeStruct((b, split) + st.n, jnp.float32)
-        # `init` (never read) aliases the output only in debug mode: a NaN start shows any voxel not written.
-        if st.poison:
-            init, aliases = jnp.full(out.shape, jnp.nan, jnp.float32), {4: 0}
-        else:
-            init, aliases = jnp.zeros((1,), jnp.float32), {}
+        init, aliases = debug_init(out, st.poison, 4)
         (vol,) = launch(vk.voxel_fwd_kernel, (n_tiles * split, b), [out], params, box, tstart, gids, init,
                         aliases=aliases, num_warps=NUM_WARPS,
                         C=c, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2], P=st.capacity,

@@ -215,6 +215,17 @@ def test_results_do_not_depend_on_iterations_per_call(tiny, tmp_path):
         assert losses[0][s] == pytest.approx(losses[1][s], rel=1e-6), s
 
 
+def test_grown_capacity_headroom():
+    # 85 needed > 62 slots: with 1.5x headroom (128) the buffer doubles twice at once, not once now and again soon.
+    assert train_lib.grown_capacity(85, 62, 1.5, 10_000) == 248
+    assert train_lib.grown_capacity(85, 62, 1.0, 10_000) == 124  # plain doubling
+    # Near the cap the headroom shrinks to max_gaussians, never below what is needed.
+    assert train_lib.grown_capacity(450, 400, 1.5, 500) == 800
+    assert train_lib.grown_capacity(600, 400, 1.5, 500) == 800
+    with pytest.raises(ValueError, match="capacity_headroom"):
+        train_lib.grown_capacity(85, 62, 0.5, 10_000)
+
+
 def test_padded_scan_length():
     from x2gs_jax.train_step import padded_length
 

@@ -129,6 +129,15 @@ def grow_state(state: TrainState, new_capacity: int) -> TrainState:
                          stats=grow(state.stats, new_capacity, old))
 
 
+def grown_capacity(needed: int, capacity: int, headroom: float, max_gaussians: int) -> int:
+    """New buffer capacity when `needed` slots exceed `capacity`: doubling until it holds headroom x needed
+    (but not more than needed when that would pass max_gaussians)."""
+    if headroom < 1.0:
+        raise ValueError(f"config.model.capacity_headroom must be >= 1, got {headroom}")
+    target = max(int(needed), min(int(np.ceil(needed * headroom)), int(max_gaussians)))
+    return next_capacity(target, capacity)
+
+
 def densify_step(state: TrainState, config, scanner, it: int) -> tuple[TrainState, dict]:
     """Densify and prune between steps (gaussians.md §6), growing buffers first when needed."""
     d = config.densify
@@ -138,7 +147,8 @@ def densify_step(state: TrainState, config, scanner, it: int) -> tuple[TrainStat
                   max_num_gaussians=d.max_num_gaussians)
     needed = int(required_capacity(state.gaussians(), state.stats, **kwargs))
     if needed > state.capacity:
-        state = grow_state(state, next_capacity(needed, state.capacity))
+        state = grow_state(state, grown_capacity(needed, state.capacity, config.model.capacity_headroom,
+                                                 d.max_num_gaussians))
     key = jax.random.fold_in(jax.random.fold_in(state.key, 0x5EED), it)
     g, stats, rows, info = _densify_jit(state.gaussians(), state.stats, key, per_gaussian_opt_rows(state.opt_state),
                                         tuple(lo), tuple(hi), d.density_min, tuple(sorted(kwargs.items())))
