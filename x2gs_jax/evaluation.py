@@ -27,6 +27,20 @@ def full_grid(scanner: Scanner) -> Grid:
     return Grid(n=tuple(scanner.n_voxel), size=tuple(scanner.s_voxel), center=tuple(scanner.off_origin))
 
 
+def _compiled(jit_cache: Optional[dict], key: tuple, build: Callable) -> Callable:
+    """build() once per key when the caller keeps a cache, else every call."""
+    if jit_cache is None:
+        return build()
+    if key not in jit_cache:
+        jit_cache[key] = build()
+    return jit_cache[key]
+
+
+def _with_params(gaussians_at: Callable, params) -> Callable:
+    """`(params, t) -> Gaussians` from either form of `gaussians_at` (see query_volumes)."""
+    return gaussians_at if params is not None else (lambda _, t: gaussians_at(t))
+
+
 def query_volumes(gaussians_at: Callable, times: Sequence[float], grid: Grid, *, backend: str = "auto",
                   culling: str = "extent", params=None, jit_cache: Optional[dict] = None) -> np.ndarray:
     """Volumes [T, nx, ny, nz] of the Gaussians at each time (one compiled function, looped on host).
@@ -36,17 +50,12 @@ def query_volumes(gaussians_at: Callable, times: Sequence[float], grid: Grid, *,
     compile, and recompiled for every new value). jit_cache: a dict owned by the caller in which the compiled
     function is kept, so later calls with the same shapes (e.g. every in-training evaluation) reuse it.
     """
+    at = _with_params(gaussians_at, params)
     key = ("volumes", tuple(int(v) for v in grid.n), tuple(np.asarray(grid.size, np.float64).tolist()),
            tuple(np.asarray(grid.center, np.float64).tolist()), backend, culling,
            gaussians_at if params is None else None)
-    fn = None if jit_cache is None else jit_cache.get(key)
-    if fn is None:
-        if params is None:
-            fn = jax.jit(lambda _, t: voxelize(gaussians_at(t), grid, culling=culling, backend=backend))
-        else:
-            fn = jax.jit(lambda p, t: voxelize(gaussians_at(p, t), grid, culling=culling, backend=backend))
-        if jit_cache is not None:
-            jit_cache[key] = fn
+    fn = _compiled(jit_cache, key, lambda: jax.jit(
+        lambda p, t: voxelize(at(p, t), grid, culling=culling, backend=backend)))
     return np.stack([np.asarray(fn(params, jnp.float32(t))) for t in times])
 
 
@@ -69,15 +78,10 @@ def render_views(gaussians_at: Callable, cameras, times, *, backend: str = "auto
     """Render every camera (batched Camera [n]) at its time: [n, H, W] scene-scaled projections.
 
     gaussians_at, params, jit_cache: as in `query_volumes`."""
+    at = _with_params(gaussians_at, params)
     key = ("views", backend, max_pairs, gaussians_at if params is None else None)
-    fn = None if jit_cache is None else jit_cache.get(key)
-    if fn is None:
-        if params is None:
-            fn = jax.jit(lambda _, cam, t: rasterize(gaussians_at(t), cam, backend=backend, max_pairs=max_pairs))
-        else:
-            fn = jax.jit(lambda p, cam, t: rasterize(gaussians_at(p, t), cam, backend=backend, max_pairs=max_pairs))
-        if jit_cache is not None:
-            jit_cache[key] = fn
+    fn = _compiled(jit_cache, key, lambda: jax.jit(
+        lambda p, cam, t: rasterize(at(p, t), cam, backend=backend, max_pairs=max_pairs)))
     n = int(np.shape(times)[0])
     out = []
     for i in range(n):

@@ -59,6 +59,10 @@ class X2Model:
             return canonical, {}
         return deform(params["field"], canonical, t, key, self.s.field)
 
+    def _shift(self, params, times):
+        """The periodic-consistency shift t -> t + kT of each view's time ([V])."""
+        return shifted_time(times, params["period"], self.s.scan_s, self.s.shift_cycles)
+
     # -- the Gaussians of a batch of training views
     def view_gaussians(self, params, canonical, times, key, it, settings):
         """(deformed Gaussians [V] at the views' times, cache for `extra_losses`).
@@ -69,7 +73,7 @@ class X2Model:
         if settings.stage != "fine":
             return jax.vmap(lambda t: canonical)(times), None
         field = params["field"]
-        shift = jax.vmap(lambda t: shifted_time(t, params["period"], self.s.scan_s, self.s.shift_cycles))(times)
+        shift = self._shift(params, times)
         on = it > self.s.periodic_start
 
         def at_times(ts):  # ts [K] -> Gaussians [K]
@@ -97,8 +101,7 @@ class X2Model:
         metrics = {f"loss_{k}": v for k, v in terms.items()}
         if cache is None:  # called without view_gaussians: deform at the shifted times here
             canonical = _canonical(params, active, settings)
-            shift = jax.vmap(lambda t: shifted_time(t, params["period"], self.s.scan_s, self.s.shift_cycles))(
-                batch["time"])
+            shift = self._shift(params, batch["time"])
             shifted = jax.vmap(lambda ts: deform(params["field"], canonical, ts, key, self.s.field)[0])(shift.t_shifted)
             cache = {"shifted": shifted, "shift_valid": shift.valid, "periodic_on": it > self.s.periodic_start}
 

@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = init_state(config, case, points, model)
     logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
-    t_phase = timer.since("setup", t_phase)
+    timer.since("setup", t_phase)
 
     total = int(config.train.iterations)
     coarse_end = min(int(config.train.coarse_iterations), total)
@@ -407,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             del args  # the state was donated
             metrics = jax.device_get(metrics)  # one host transfer per call
             dt = (time.perf_counter() - t0) / len(its)
-            t_phase = timer.since("steps", t0)
+            timer.since("steps", t0)
             for k, it in enumerate(its):
                 if not metrics["done"][k]:
                     break
@@ -444,7 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t_phase = timer.since("eval", t_phase)
             if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
                 ckpt.save(it, state, checkpoint_meta(state, config, stage))
-                t_phase = timer.since("checkpoint", t_phase)
+                timer.since("checkpoint", t_phase)
         t_phase = time.perf_counter()
         export_inference(workdir, state, config, case)
         timer.since("export", t_phase)
