@@ -27,6 +27,9 @@ _ERODE = flags.DEFINE_integer("erode_voxels", tidal.ERODE_VOXELS, "Lung segmenta
 _CHUNK = flags.DEFINE_integer("chunk", 8, "Times per vmapped volume query (memory vs speed).")
 _GIF = flags.DEFINE_integer("gif_frames", 12, "Frames of the breathing GIF (one learned period).")
 _VIEWS = flags.DEFINE_integer("proj_views", 4, "Val views in projections.png.")
+_CYCLES = flags.DEFINE_list("cycles", [], "Also evaluate the phases of these breathing cycles (0 = the first, the "
+                            "reference convention) against the phantom's exact volumes (cases made by "
+                            "x2gs_jax.data.generate only), e.g. --cycles=0,5,10,19.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -38,10 +41,14 @@ def main(argv):
         times = [float(t) for t in _EXPORT.value]
     except ValueError as err:
         raise app.UsageError(f"--export_times: expected comma-separated numbers, got {_EXPORT.value}") from err
+    try:
+        cycles = [int(c) for c in _CYCLES.value]
+    except ValueError as err:
+        raise app.UsageError(f"--cycles: expected comma-separated integers, got {_CYCLES.value}") from err
     eval_lib.evaluate_run(_WORKDIR.value, data=_DATA.value, step=_STEP.value, tidal_points=_TIDAL.value,
                           pictures=not _NO_PICS.value, export_times=times, baselines=_BASELINES.value,
                           lung_threshold=_LUNG.value, erode_voxels=_ERODE.value, chunk=_CHUNK.value,
-                          gif_frames=_GIF.value, proj_views=_VIEWS.value)
+                          gif_frames=_GIF.value, proj_views=_VIEWS.value, cycles=cycles)
 
 
 if __name__ == "__main__":

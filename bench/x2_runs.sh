@@ -5,8 +5,9 @@
 #   bash bench/x2_runs.sh OUT_DIR [case ...]      cases: ref64 ref64_irregular default (default: all three)
 #
 # Each case writes runs/<case>/ (checkpoints, export, metrics.jsonl with the `timing` record) and copies
-# metrics.jsonl, eval/metrics.json, tidal.csv and the pictures to OUT_DIR/<case>/. The phantoms are generated
-# first (cached; see configs/common.py data.cache_dir / $X2GS_CACHE), so data generation is not in the timings.
+# metrics.jsonl, eval/metrics.json (with the phases of cycles 0, 5, 10 and 19), tidal.csv and the pictures to
+# OUT_DIR/<case>/. The phantoms are generated first (cached; see configs/common.py data.cache_dir / $X2GS_CACHE),
+# so data generation is not in the timings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash bench/x2_runs.sh OUT_DIR [case ...]}
@@ -46,7 +47,7 @@ for c in "${cases[@]}"; do
   python train.py --workdir="runs/$c" $(flags "$c") > "$out/$c.train.log" 2>&1 || { echo "$c: train.py failed"; continue; }
   grep "time per phase" "$out/$c.train.log"
   echo "== $c: eval $(date +%T)"
-  python eval.py --workdir="runs/$c" > "$out/$c.eval.log" 2>&1 || echo "$c: eval.py failed"
+  python eval.py --workdir="runs/$c" --cycles=0,5,10,19 > "$out/$c.eval.log" 2>&1 || echo "$c: eval.py failed"
   mkdir -p "$out/$c"
   cp "runs/$c/metrics.jsonl" "$out/$c/" 2>/dev/null
   cp runs/"$c"/eval/*.json runs/"$c"/eval/*.csv runs/"$c"/eval/*.png runs/"$c"/eval/*.gif "$out/$c/" 2>/dev/null

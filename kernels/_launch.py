@@ -1,8 +1,10 @@
 """One launcher for every Triton kernel of this package: jax-triton on a GPU, the Triton interpreter on a CPU.
 
-`launch(kernel, grid, out_shapes, *inputs, zeroed=..., num_warps=..., **meta)` calls `kernel(*inputs, *outputs,
-**meta)` on a grid of programs. All launch parameters that shape the work (sizes, block sizes) are passed as
-`tl.constexpr` keyword arguments, so both paths specialise the same way.
+`launch(kernel, grid, out_shapes, *inputs, scalars=..., zeroed=..., num_warps=..., **meta)` calls
+`kernel(*inputs, *scalars, *outputs, **meta)` on a grid of programs. Block sizes and the view/grid geometry are
+`tl.constexpr` keyword arguments (`meta`); sizes that change during a run (Gaussian capacity C, pair capacity P,
+split factor, point count) are runtime int32 `scalars`, so a capacity change re-uses the compiled Triton binaries
+(jax-triton caches them per kernel, signature and constexpr values; only a scalar equal to 1 is specialised).
 
 * GPU (`jax.default_backend() == "gpu"`): `jax_triton.triton_call`. Outputs listed in `zeroed` are memset to 0
   before the launch; the others start uninitialised, so a kernel must write every element it owns.
@@ -99,7 +101,7 @@ def _poison(shape, dtype) -> np.ndarray:
     return np.full(shape, fill, dtype)
 
 
-def _interpret(kernel, grid, out_shapes, inputs, zeroed, aliases, meta):
+def _interpret(kernel, grid, out_shapes, inputs, scalars, zeroed, aliases, meta):
     from triton.runtime.interpreter import InterpretedFunction  # lazy: optional dependency
 
     fn = InterpretedFunction(getattr(kernel, "fn", kernel))
@@ -115,7 +117,7 @@ def _interpret(kernel, grid, out_shapes, inputs, zeroed, aliases, meta):
                 outs.append(np.zeros(s.shape, s.dtype))
             else:
                 outs.append(_poison(s.shape, s.dtype))
-        fn[grid](*ins, *[_HostTensor(o) for o in outs], **meta)
+        fn[grid](*ins, *scalars, *[_HostTensor(o) for o in outs], **meta)
         return tuple(np.array(o, copy=True) for o in outs)
 
     return jax.pure_callback(host, tuple(out_shapes), *inputs)
@@ -123,8 +125,8 @@ def _interpret(kernel, grid, out_shapes, inputs, zeroed, aliases, meta):
 
 # ---------------------------------------------------------------------------------- public
 def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inputs: jax.Array,
-           zeroed: Sequence[int] = (), aliases: dict | None = None, num_warps: int = 4,
-           num_stages: int | None = None, **meta):
+           scalars: Sequence[int] = (), zeroed: Sequence[int] = (), aliases: dict | None = None,
+           num_warps: int = 4, num_stages: int | None = None, **meta):
     """Run `kernel` on `grid` (tuple of ≤ 3 ints); returns a tuple of outputs shaped like `out_shapes`.
 
     Args:
@@ -132,6 +134,7 @@ def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inp
       grid: static launch grid.
       out_shapes: output shapes/dtypes.
       inputs: device arrays (every one is passed as a pointer).
+      scalars: Python ints passed by value after the inputs (int32 kernel arguments, not specialised).
       zeroed: indices of outputs that must start at zero (accumulated with atomics).
       aliases: {input index: output index}: that output reuses (starts with the contents of) that input.
       num_warps, num_stages: GPU compilation options (ignored by the interpreter).
@@ -145,11 +148,15 @@ def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inp
             raise ValueError(f"launch of {getattr(kernel, '__name__', kernel)}: empty grid {grid} with "
                              f"non-empty outputs")
         return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+    scalars = tuple(int(v) for v in scalars)
+    if any(not -2**31 <= v < 2**31 for v in scalars):
+        raise ValueError(f"launch of {getattr(kernel, '__name__', kernel)}: scalar arguments {scalars} must fit "
+                         f"in int32")
     if not on_gpu():
-        return _interpret(kernel, grid, out_shapes, inputs, set(zeroed), dict(aliases or {}), meta)
+        return _interpret(kernel, grid, out_shapes, inputs, scalars, set(zeroed), dict(aliases or {}), meta)
     import jax_triton as jt  # lazy: fails to import without a GPU
 
-    outs = jt.triton_call(*inputs, kernel=kernel, out_shape=list(out_shapes), grid=grid,
+    outs = jt.triton_call(*inputs, *scalars, kernel=kernel, out_shape=list(out_shapes), grid=grid,
                           num_warps=num_warps, num_stages=num_stages, zeroed_outputs=tuple(zeroed),
                           input_output_aliases=dict(aliases or {}), **meta)
     return tuple(outs)

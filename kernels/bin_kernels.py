@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _box(box_ptr, b, g, ok, C: tl.constexpr):
+def _box(box_ptr, b, g, ok, C):
     """Box corners (a0, b0, c0), extents (na, nb, nc) and tile count n [BLOCK] of Gaussians g (0 when empty)."""
     base = box_ptr + (b * C + g) * 8
     a0 = tl.load(base + 0, mask=ok, other=0)
@@ -37,8 +37,8 @@ def _box(box_ptr, b, g, ok, C: tl.constexpr):
 
 
 @triton.jit
-def tile_count_kernel(box_ptr, count_ptr, C: tl.constexpr, T: tl.constexpr, GB: tl.constexpr,
-                      GC: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr):
+def tile_count_kernel(box_ptr, C, count_ptr, T: tl.constexpr, GB: tl.constexpr, GC: tl.constexpr,
+                      SUB: tl.constexpr, BLOCK: tl.constexpr):
     """count[b, t] += number of this block's Gaussians whose box holds tile t (count zeroed before)."""
     b = tl.program_id(1)
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -56,8 +56,8 @@ def tile_count_kernel(box_ptr, count_ptr, C: tl.constexpr, T: tl.constexpr, GB: 
 
 
 @triton.jit
-def tile_fill_kernel(box_ptr, tstart_ptr, gid_ptr, cursor_ptr, C: tl.constexpr, T: tl.constexpr,
-                     GB: tl.constexpr, GC: tl.constexpr, SUB: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
+def tile_fill_kernel(box_ptr, tstart_ptr, C, P, gid_ptr, cursor_ptr, T: tl.constexpr, GB: tl.constexpr,
+                     GC: tl.constexpr, SUB: tl.constexpr, BLOCK: tl.constexpr):
     """gids[b, tstart[b, t·SUB + s] + k] = g for the k-th Gaussian (atomic order) of tile t in sub-bucket
     s = g mod SUB; slots ≥ P are not written. `cursor` [B, T·SUB] is zeroed before the launch."""
     b = tl.program_id(1)

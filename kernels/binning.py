@@ -33,13 +33,13 @@ def _binner(c: int, n_tiles: int, grid_b: int, grid_c: int, capacity: int):
         b = box.shape[0]
         grid = (_cdiv(c, BIN_BLOCK), b)
         (counts,) = launch(bk.tile_count_kernel, grid, [jax.ShapeDtypeStruct((b, n_tiles * SUB), jnp.int32)], box,
-                           zeroed=(0,), C=c, T=n_tiles, GB=grid_b, GC=grid_c, SUB=SUB, BLOCK=BIN_BLOCK)
+                           scalars=(c,), zeroed=(0,), T=n_tiles, GB=grid_b, GC=grid_c, SUB=SUB, BLOCK=BIN_BLOCK)
         tstart = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(counts, axis=-1, dtype=jnp.int32)],
                                  axis=-1)
         gids, _ = launch(bk.tile_fill_kernel, grid,
                          [jax.ShapeDtypeStruct((b, capacity), jnp.int32),
                           jax.ShapeDtypeStruct((b, n_tiles * SUB), jnp.int32)],
-                         box, tstart, zeroed=(1,), C=c, T=n_tiles, GB=grid_b, GC=grid_c, SUB=SUB, P=capacity,
+                         box, tstart, scalars=(c, capacity), zeroed=(1,), T=n_tiles, GB=grid_b, GC=grid_c, SUB=SUB,
                          BLOCK=BIN_BLOCK)
         return tstart, gids
 

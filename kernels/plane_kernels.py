@@ -14,8 +14,8 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def plane_scatter_kernel(idx_ptr, w_ptr, g_ptr, out_ptr, N: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                         CP: tl.constexpr, BLOCK: tl.constexpr):
+def plane_scatter_kernel(idx_ptr, w_ptr, g_ptr, N, R, out_ptr, C: tl.constexpr, CP: tl.constexpr,
+                         BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     pts = pid * BLOCK + tl.arange(0, BLOCK)

@@ -31,8 +31,8 @@ def scatter_rows(idx: jax.Array, w: jax.Array, g: jax.Array, n_rows: int) -> jax
     def run(idx, w, g):
         b = g.shape[0]
         (out,) = launch(pk.plane_scatter_kernel, (-(-n // BLOCK), b),
-                        [jax.ShapeDtypeStruct((b, n_rows, c), jnp.float32)], idx, w, g, zeroed=(0,),
-                        N=n, R=n_rows, C=c, CP=cp, BLOCK=BLOCK)
+                        [jax.ShapeDtypeStruct((b, n_rows, c), jnp.float32)], idx, w, g, scalars=(n, n_rows),
+                        zeroed=(0,), C=c, CP=cp, BLOCK=BLOCK)
         return out
 
     if n == 0:

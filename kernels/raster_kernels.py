@@ -22,7 +22,7 @@ from kernels.split_kernels import split_range  # noqa: E402
 
 
 @triton.jit
-def _params(params_ptr, b, g, ok, C: tl.constexpr):
+def _params(params_ptr, b, g, ok, C):
     base = params_ptr + (b * C + g) * 8
     mx = tl.load(base + 0, mask=ok, other=0.0)
     my = tl.load(base + 1, mask=ok, other=0.0)
@@ -34,7 +34,7 @@ def _params(params_ptr, b, g, ok, C: tl.constexpr):
 
 
 @triton.jit
-def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr):
+def _pairs(params_ptr, gid_ptr, b, k, end, C, P, BLOCK_G: tl.constexpr):
     """Pairs k .. k+BLOCK_G−1 of a tile's list: validity, Gaussian ids and their records [BLOCK_G]."""
     j = k + tl.arange(0, BLOCK_G)
     ok = j < end
@@ -44,7 +44,7 @@ def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLO
 
 
 @triton.jit
-def _members(params_ptr, box_ptr, b, c0, cend, ty, tx, C: tl.constexpr, BLOCK_G: tl.constexpr):
+def _members(params_ptr, box_ptr, b, c0, cend, ty, tx, C, BLOCK_G: tl.constexpr):
     """Fallback: Gaussians c0 .. c0+BLOCK_G−1 (below cend) whose tile box holds tile (ty, tx), with records."""
     g = c0 + tl.arange(0, BLOCK_G)
     inb = g < cend
@@ -79,9 +79,9 @@ def _tile_pixels(t, GX: tl.constexpr):
 
 
 @triton.jit
-def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, img_ptr, C: tl.constexpr,
-                      T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, C, P, SPLIT, img_ptr,
+                      T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr,
+                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
     """One program per (tile, split part, view): the partial image of part s of the tile's pairs,
     I_s(x, y) = Σ_pairs [E ≤ 0][α ≥ 1e-5] α (§5), summed in registers and written to img[b, s] (the caller
     sums the SPLIT partial images: a fixed order, so the result is deterministic).
@@ -133,7 +133,7 @@ def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, img_pt
 
 
 @triton.jit
-def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C: tl.constexpr):
+def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
     """Six moments per pair of the upstream-weighted footprint, pixels on axis 0 (a per-pair sum is then a
     reduction inside each thread plus one across warps), added into mom[b, g, 0:6] with relaxed atomics."""
     dx = mx[None, :] - px[:, None]
@@ -154,9 +154,9 @@ def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C: tl.const
 
 
 @triton.jit
-def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, mom_ptr, C: tl.constexpr,
-                      T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr, P: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, SPLIT: tl.constexpr, INTERP: tl.constexpr):
+def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, C, P, SPLIT, mom_ptr,
+                      T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr,
+                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
     """One program per (tile, split part, view): per pair of the part, (Σ Gg, Σ Gg δx, Σ Gg δy, Σ Gg δx²,
     Σ Gg δx δy, Σ Gg δy²) over the tile's contributing pixels (G = exp(E), g = ∂L/∂I), added into mom[b, g, 0:6]
     (zeroed before); §6.1's per-Gaussian sums are linear in them. Same pair walk as the forward."""

@@ -63,9 +63,8 @@ def _render_op(st: _Static, c: int):
         out = jax.ShapeDtypeStruct((b, split, st.height, st.width), jnp.float32)
         init, aliases = debug_init(out, st.poison, 4)
         (img,) = launch(rk.raster_fwd_kernel, (n_tiles * split, b), [out], params, box, tstart, gids, init,
-                        aliases=aliases, num_warps=NUM_WARPS,
-                        C=c, T=n_tiles, GX=gx, W=st.width, H=st.height, P=st.capacity, BLOCK_G=BLOCK_G,
-                        SUB=SUB, SPLIT=split, INTERP=not on_gpu())
+                        scalars=(c, st.capacity, split), aliases=aliases, num_warps=NUM_WARPS,
+                        T=n_tiles, GX=gx, W=st.width, H=st.height, BLOCK_G=BLOCK_G, SUB=SUB, INTERP=not on_gpu())
         return jnp.sum(img, axis=1)  # the split parts, in a fixed order
 
     return merge_batch(run)
@@ -81,9 +80,9 @@ def _moments_op(st: _Static, c: int):
         b = params.shape[0]
         split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G_BWD)
         (mom,) = launch(rk.raster_bwd_kernel, (n_tiles * split, b), [jax.ShapeDtypeStruct((b, c, 8), jnp.float32)],
-                        params, box, tstart, gids, g_image, zeroed=(0,), num_warps=NUM_WARPS_BWD,
-                        C=c, T=n_tiles, GX=gx, W=st.width, H=st.height, P=st.capacity, BLOCK_G=BLOCK_G_BWD,
-                        SUB=SUB, SPLIT=split, INTERP=not on_gpu())
+                        params, box, tstart, gids, g_image, scalars=(c, st.capacity, split), zeroed=(0,),
+                        num_warps=NUM_WARPS_BWD, T=n_tiles, GX=gx, W=st.width, H=st.height, BLOCK_G=BLOCK_G_BWD,
+                        SUB=SUB, INTERP=not on_gpu())
         return mom
 
     return merge_batch(run)

@@ -8,7 +8,7 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def split_range(start, end, s, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr):
+def split_range(start, end, s, SPLIT, BLOCK_G: tl.constexpr):
     """Part s of SPLIT of the slot range [start, end): contiguous, a multiple of BLOCK_G long (the last may be
     shorter or empty). Splitting a tile's pairs over several programs keeps the GPU busy when there are few
     tiles (small detectors, the 32³ TV patch) and each holds many pairs."""

@@ -30,7 +30,7 @@ def _voxels(t, GY: tl.constexpr, GZ: tl.constexpr):
 
 
 @triton.jit
-def _params(params_ptr, b, g, ok, C: tl.constexpr):
+def _params(params_ptr, b, g, ok, C):
     base = params_ptr + (b * C + g) * 12
     vx = tl.load(base + 0, mask=ok, other=0.0)
     vy = tl.load(base + 1, mask=ok, other=0.0)
@@ -46,7 +46,7 @@ def _params(params_ptr, b, g, ok, C: tl.constexpr):
 
 
 @triton.jit
-def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr):
+def _pairs(params_ptr, gid_ptr, b, k, end, C, P, BLOCK_G: tl.constexpr):
     j = k + tl.arange(0, BLOCK_G)
     ok = j < end
     g = tl.load(gid_ptr + b * P + j, mask=ok, other=0)
@@ -55,7 +55,7 @@ def _pairs(params_ptr, gid_ptr, b, k, end, C: tl.constexpr, P: tl.constexpr, BLO
 
 
 @triton.jit
-def _members(params_ptr, box_ptr, b, c0, cend, ta, tb, tc, C: tl.constexpr, BLOCK_G: tl.constexpr):
+def _members(params_ptr, box_ptr, b, c0, cend, ta, tb, tc, C, BLOCK_G: tl.constexpr):
     """Fallback: Gaussians c0 .. c0+BLOCK_G−1 (below cend) whose tile box holds tile (ta, tb, tc)."""
     g = c0 + tl.arange(0, BLOCK_G)
     inb = g < cend
@@ -82,10 +82,9 @@ def _fwd_eval(acc, ok, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz
 
 
 @triton.jit
-def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, vol_ptr, C: tl.constexpr,
+def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, C, P, SPLIT, vol_ptr,
                      T: tl.constexpr, GY: tl.constexpr, GZ: tl.constexpr, NX: tl.constexpr, NY: tl.constexpr,
-                     NZ: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr,
-                     SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                     NZ: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
     """vol = Σ_pairs [E ≤ 0][ρ exp(E) ≥ 1e-6] ρ exp(E) over the tile's 512 voxels (§7.2); `init` aliases `vol`
     and is never read (every in-grid voxel is written). Next chunk prefetched as in raster_fwd_kernel."""
     t = tl.program_id(0) // SPLIT
@@ -136,8 +135,7 @@ def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, vol_ptr
 
 
 @triton.jit
-def _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up,
-              C: tl.constexpr):
+def _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C):
     """Ten moments per pair (voxels on axis 0: per-pair sums stay inside threads), relaxed atomics into
     mom[b, g, 0:10]: Σ Gg, Σ Gg δ (x, y, z), Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz)."""
     dx = vx[None, :] - cx[:, None]
@@ -165,10 +163,9 @@ def _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, 
 
 
 @triton.jit
-def voxel_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, cot_ptr, mom_ptr, C: tl.constexpr,
+def voxel_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, cot_ptr, C, P, SPLIT, mom_ptr,
                      T: tl.constexpr, GY: tl.constexpr, GZ: tl.constexpr, NX: tl.constexpr, NY: tl.constexpr,
-                     NZ: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr,
-                     SPLIT: tl.constexpr, INTERP: tl.constexpr):
+                     NZ: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
     """Per pair, the ten moments of the cotangent-weighted Gaussian over the tile's contributing voxels
     (G = exp(E), g = ∂L/∂vol), added into mom[b, g, 0:10] (zeroed before); §7.4's sums are linear in them."""
     t = tl.program_id(0) // SPLIT

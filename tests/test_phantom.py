@@ -61,6 +61,21 @@ def test_irregular_signal_seeded_continuous_bounded():
     np.testing.assert_allclose(a1.signal(starts[:10]), 0.0, atol=1e-12)  # every cycle starts at end-exhale
 
 
+def test_mean_cycle_length_of_a_scan():
+    assert BreathingSignal(period_s=3.0).mean_cycle_s(60.0) == 3.0
+    assert np.isnan(BreathingSignal(kind="static").mean_cycle_s(60.0))
+    b = BreathingSignal(kind="irregular", seed=0)
+    # Brute force: the cycle boundaries are the zeros of s with a minimum between them; count the cycles that
+    # start inside the scan from a fine sampling and average their lengths.
+    t = np.linspace(0.0, 80.0, 800001)
+    s = b.signal(t)
+    zeros = np.concatenate([[0.0], t[1:-1][(s[1:-1] <= s[:-2]) & (s[1:-1] <= s[2:]) & (s[1:-1] < 1e-6)]])
+    starts = zeros[zeros < 60.0]
+    lengths = np.diff(zeros)[: len(starts)]
+    np.testing.assert_allclose(b.mean_cycle_s(60.0), np.mean(lengths), atol=2e-4)
+    assert abs(b.mean_cycle_s(60.0) - 3.0) > 1e-3  # irregular: not the nominal period
+
+
 def test_static_signal_and_bad_kind():
     assert np.all(BreathingSignal(kind="static").signal(np.linspace(0, 60, 7)) == 0)
     with pytest.raises(ValueError, match="kind"):

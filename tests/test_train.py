@@ -285,3 +285,11 @@ def test_x2_demo_through_train_py_and_exact_continuation(tmp_path):
     recs = [json.loads(line) for line in open(straight / "metrics.jsonl")]
     fine = [r for r in recs if r["kind"] == "train" and r["step"] > 5]
     assert fine and all(r["loss_render_prior"] > 0 for r in fine)
+    # Where the time went: one `compile` record per compiled step function (both stages), whose times add up to
+    # the final `timing` record's compilation totals.
+    compiles = [r for r in recs if r["kind"] == "compile"]
+    timing = [r for r in recs if r["kind"] == "timing"]
+    assert {r["fine_stage"] for r in compiles} == {0.0, 1.0} and len(timing) == 1
+    assert all(r["xla_compile_s"] > 0 and r["trace_and_lower_s"] > 0 for r in compiles)
+    for part in ("trace_and_lower_s", "xla_compile_s"):
+        assert abs(sum(r[part] for r in compiles) - timing[0][part]) < 1e-6 * max(1.0, timing[0][part])

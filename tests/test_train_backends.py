@@ -1,18 +1,28 @@
 """A training step with the Triton backend equals one with the pure-JAX reference backend (GPU only).
 
 Static (R2) step with 3D TV, and the X2 fine step with the periodic render on: same loss (≤ 1e-5 relative),
-same gradients through the optimiser (the parameter updates agree to ≤ 1e-3 relative L2: Adam divides by
-√v, so it magnifies the backends' rounding-level gradient differences on near-zero components), and the
-same densification statistics; then a 10-iteration jitted scan keeps the loss curves together.
+same gradients (read from Adam's first moment after the first step, ≤ 1e-3 relative L2), the same parameter
+updates wherever the update is well conditioned, the same densification statistics; then a 10-iteration jitted
+scan keeps the loss curves together.
+
+Why the update comparison needs care: Adam's first step moves every parameter by ±lr·g/|g| (eps = 1e-15), so a
+component whose gradient is zero in exact arithmetic moves by ±lr with the sign of its rounding noise, which
+differs between backends. The initial Gaussians are isotropic with identity rotations, which makes every rotation
+gradient such noise; the test therefore starts from anisotropic, randomly rotated Gaussians (fixed seed), and
+compares updates on the components whose gradient is well above the two backends' difference (and asserts those
+are nearly all of them).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import r2_static, x2_gaussian
 from x2gs_jax import train_lib
 from x2gs_jax.data.naf import load_case
+from x2gs_jax.optim import ADAM_B1, group_state
+from x2gs_jax.train_state import param_labels
 from x2gs_jax.train_step import make_multi_step, make_train_step
 
 pytestmark = pytest.mark.gpu
@@ -36,7 +46,12 @@ def _setup(config, tmp_path, stage, start_step):
     points = train_lib.initial_points(path, case, config)
     model = train_lib.make_model(config, case)
     state = train_lib.init_state(config, case, points, model)
-    state = state.replace(step=jnp.int32(start_step))
+    # Anisotropic, randomly rotated Gaussians: every rotation/scale gradient component is well defined.
+    rng = np.random.default_rng(0)
+    params = dict(state.params)
+    params["scaling"] = params["scaling"] + jnp.asarray(rng.uniform(-0.4, 0.4, params["scaling"].shape), jnp.float32)
+    params["rotation"] = jnp.asarray(rng.normal(size=params["rotation"].shape), jnp.float32)
+    state = state.replace(step=jnp.int32(start_step), params=params)
     return case, model, state, train_lib.TrainData(case)
 
 
@@ -46,6 +61,17 @@ def _steps(config, case, model, state, stage, backend):
     opt = train_lib.build_optimizer(config, state.params)
     step = make_train_step(model, settings, opt)
     return jax.jit(step), jax.jit(make_multi_step(step))
+
+
+def _first_step_grads(new_state) -> list:
+    """Every parameter leaf's gradient of a first optimiser step: Adam's first moment is (1 − b1)·g."""
+    labels = jax.tree.leaves(param_labels(new_state.params))
+    out = []
+    for i, label in enumerate(labels):
+        mu = group_state(new_state.opt_state, label).mu
+        leaves = jax.tree_util.tree_leaves(mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        out.append(np.asarray(leaves[i], np.float64) / (1.0 - ADAM_B1))
+    return out
 
 
 def _compare(config, case, model, state, data, stage, views):
@@ -62,13 +88,19 @@ def _compare(config, case, model, state, data, stage, views):
         if k.startswith("loss"):
             assert abs(float(mt[k]) - float(v)) <= 1e-5 * abs(float(v)) + 1e-7, (k, float(mt[k]), float(v))
     old = jax.device_get(state.params)
-    for path, a, b, o in zip(jax.tree_util.tree_leaves_with_path(nt.params), jax.tree.leaves(nt.params),
-                             jax.tree.leaves(nr.params), jax.tree.leaves(old)):
+    gt, gr = _first_step_grads(nt), _first_step_grads(nr)
+    for (path, a), b, o, ga, gb in zip(jax.tree_util.tree_leaves_with_path(nt.params), jax.tree.leaves(nr.params),
+                                       jax.tree.leaves(old), gt, gr):
+        name = jax.tree_util.keystr(path)
         moved = np.asarray(b) - np.asarray(o)
-        if np.any(moved):
-            assert _rel(np.asarray(a) - o, moved) <= 1e-3, (jax.tree_util.keystr(path[0]), _rel(np.asarray(a) - o, moved))
-        else:
+        if not np.any(moved):
             np.testing.assert_array_equal(a, b)
+            continue
+        assert _rel(ga, gb) <= 1e-3, (name, "gradient", _rel(ga, gb))
+        # Components whose gradient is well above the backends' difference: Adam's sign is well defined there.
+        sure = np.abs(gb) > 10.0 * np.abs(ga - gb)
+        assert np.mean(sure[gb != 0]) >= 0.95, (name, "too many near-zero gradients to compare")
+        assert _rel((np.asarray(a) - o)[sure], moved[sure]) <= 1e-3, (name, "update")
     np.testing.assert_array_equal(nt.stats.count, nr.stats.count)
     assert _rel(nt.stats.grad_accum, nr.stats.grad_accum) <= 1e-4
     assert bool(np.all(mmt["done"])) and bool(np.all(mmr["done"]))

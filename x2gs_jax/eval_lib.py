@@ -7,7 +7,8 @@ projection by its own max. Baselines on the same case: static FDK of all train p
 phase-binned 4D-FDK of the train projections with their stored phases. Volumes over time are queried by
 `jax.vmap` over a chunk of times (one compiled function per shape).
 
-Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
+Optionally (`cycles`, generated phantoms) the phases of later breathing cycles against the phantom's exact
+volumes at those times. Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
 projections.png, export/vol_t{t}.npy|.nii.gz.
 """
 from __future__ import annotations
@@ -254,6 +255,44 @@ def reconstruction_metrics(run: Run, chunk: int = 4, progress: bool = True,
     return report, vols
 
 
+def cycle_metrics(run: Run, cycles: Sequence[int], chunk: int = 8, progress: bool = True,
+                  batched: Optional[Callable] = None) -> dict:
+    """PSNR3D/SSIM3D of the phases of later breathing cycles (generated phantoms only; the reference convention
+    evaluates cycle 0 alone).
+
+    Cycle c's phase k is queried at the phase mid-time of cycle 0 plus c·eval.cycle_s and compared with the
+    phantom's exact voxelised volume at that time (the generator's supersampling), so the quality can be followed
+    across the scan: cycle 0 sees the fewest constraints (its time cells are trained by its own views only).
+    Returns {"cycles": [c...], "psnr_3d_by_cycle": [mean...], "ssim_3d_by_cycle": [mean...]}.
+    """
+    if not run.is_4d:
+        raise ValueError("cycles: a static run has no breathing cycles")
+    breathing = tidal.phantom_breathing_from_meta(run.case.meta)
+    if breathing is None:
+        raise ValueError(f"cycles: the GT at other times is known only for cases made by x2gs_jax.data.generate; "
+                         f"{run.case_path} has no generator record in its meta")
+    from x2gs_jax.data.phantom import ThoraxPhantom
+
+    phantom = ThoraxPhantom.default(breathing)
+    supersample = int(run.case.meta["generator"].get("supersample", 3))
+    base = phase_times(run)
+    shift = float(run.config.eval.cycle_s) / breathing.scan_s
+    batched = batched or volume_batched(run)
+    out = {"cycles": [], "psnr_3d_by_cycle": [], "ssim_3d_by_cycle": []}
+    for c in cycles:
+        times = base + int(c) * shift
+        if int(c) < 0 or times.max() >= 1.0:
+            raise ValueError(f"cycles: cycle {c} is outside the scan (its phase times must lie in [0, 1), got up "
+                             f"to {times.max():.4f})")
+        vols = map_times(batched, run.params, times, chunk, desc=f"cycle {c} volumes", progress=progress)
+        gt = np.stack([phantom.volume_at(float(t), run.case.scanner, supersample=supersample) for t in times])
+        r = E.volume_report(gt, vols)
+        out["cycles"].append(int(c))
+        out["psnr_3d_by_cycle"].append(float(r["psnr_3d_mean"]))
+        out["ssim_3d_by_cycle"].append(float(r["ssim_3d_mean"]))
+    return out
+
+
 def render_val(run: Run, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(rendered, GT) of the first n val views, both scene-scaled [n, H, W]."""
     sc = run.case.scanner
@@ -372,7 +411,10 @@ def format_table(m: dict) -> str:
         lines.append(f"2D val: PSNR {f('psnr_2d_val', '{:.2f}')}  SSIM {f('ssim_2d_val')}")
     if m.get("period_learned_s") is not None:
         lines.append(f"period: learned {f('period_learned_s')} s, GT {f('period_gt_s')} s, "
-                     f"tidal-curve {f('tidal_period_s')} s")
+                     + (f"mean cycle of the scan {f('period_mean_cycle_s')} s, " if "period_mean_cycle_s" in m else "")
+                     + f"tidal-curve {f('tidal_period_s')} s")
+    for c, pv, sv in zip(m.get("cycles", ()), m.get("psnr_3d_by_cycle", ()), m.get("ssim_3d_by_cycle", ())):
+        lines.append(f"{'model, cycle ' + str(c):24s}{pv:>10.2f}{sv:>10.3f}")
     if "tidal_corr" in m:
         lines.append(f"tidal curve vs phantom: corr {f('tidal_corr')}, amplitude {f('tidal_amplitude_ml', '{:.1f}')} "
                      f"mL vs {f('tidal_amplitude_gt_ml', '{:.1f}')} mL")
@@ -382,8 +424,10 @@ def format_table(m: dict) -> str:
 def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None, tidal_points: int = 600,
                  pictures: bool = True, export_times: Sequence[float] = (), baselines: bool = True,
                  lung_threshold: float = tidal.LUNG_THRESHOLD, erode_voxels: int = tidal.ERODE_VOXELS,
-                 chunk: int = 8, gif_frames: int = 12, proj_views: int = 4, progress: bool = True) -> dict:
-    """Evaluate a run end to end (see the module docstring); returns the metrics written to metrics.json."""
+                 chunk: int = 8, gif_frames: int = 12, proj_views: int = 4, progress: bool = True,
+                 cycles: Sequence[int] = ()) -> dict:
+    """Evaluate a run end to end (see the module docstring); returns the metrics written to metrics.json.
+    `cycles`: also report the phases of these breathing cycles (`cycle_metrics`; generated phantoms)."""
     from x2gs_jax import viz
 
     run = load_run(workdir, data, step)
@@ -398,6 +442,13 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
         gt_period = float(gen["period_s"]) if isinstance(gen, dict) and "period_s" in gen else float(run.config.eval.cycle_s)
         m.update(period_learned_s=run.period_s, period_gt_s=gt_period,
                  period_rel_error=abs(run.period_s - gt_period) / gt_period)
+        breathing = tidal.phantom_breathing_from_meta(run.case.meta)
+        if breathing is not None and breathing.kind == "irregular":
+            # Irregular cycles: the nominal period is not the mean cycle length of this scan; report both.
+            mean_cycle = breathing.mean_cycle_s(breathing.scan_s)
+            m.update(period_mean_cycle_s=mean_cycle, period_mean_cycle_rel_error=abs(run.period_s - mean_cycle) / mean_cycle)
+    if cycles:
+        m.update(cycle_metrics(run, cycles, chunk, progress, batched))
     if baselines:
         m.update(fdk_baselines(run.case, len(vols) if run.is_4d else None, progress))
     curve = None

@@ -95,6 +95,16 @@ class BreathingSignal:
         """s at normalised time(s) t = seconds / scan_s (the pickle's `time`)."""
         return self.signal(np.asarray(t, dtype=np.float64) * self.scan_s)
 
+    def mean_cycle_s(self, t_end_s: float) -> float:
+        """Mean length (s) of the breathing cycles that start in [0, t_end_s): the period an estimator fitted over
+        a scan of that length should find (period_s for regular breathing; NaN for static)."""
+        if self.kind == "static":
+            return float("nan")
+        if self.kind == "regular":
+            return float(self.period_s)
+        starts, lengths, _ = self.cycles(t_end_s)
+        return float(np.mean(lengths[starts < max(float(t_end_s), 1e-12)]))
+
     def phase_bin(self, t_s, n_phases: int = 10) -> np.ndarray:
         """Reference phase bin floor(n (t mod T) / T) with the nominal period (int64, shape of t_s)."""
         t = np.asarray(t_s, dtype=np.float64)
