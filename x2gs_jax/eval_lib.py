@@ -8,7 +8,9 @@ phase-binned 4D-FDK of the train projections with their stored phases. Volumes o
 `jax.vmap` over a chunk of times (one compiled function per shape).
 
 Optionally (`cycles`, generated phantoms) the phases of later breathing cycles against the phantom's exact
-volumes at those times. Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
+volumes at those times.
+
+Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
 projections.png, export/vol_t{t}.npy|.nii.gz.
 """
 from __future__ import annotations
@@ -446,7 +448,8 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
         if breathing is not None and breathing.kind == "irregular":
             # Irregular cycles: the nominal period is not the mean cycle length of this scan; report both.
             mean_cycle = breathing.mean_cycle_s(breathing.scan_s)
-            m.update(period_mean_cycle_s=mean_cycle, period_mean_cycle_rel_error=abs(run.period_s - mean_cycle) / mean_cycle)
+            m.update(period_mean_cycle_s=mean_cycle,
+                     period_mean_cycle_rel_error=abs(run.period_s - mean_cycle) / mean_cycle)
     if cycles:
         m.update(cycle_metrics(run, cycles, chunk, progress, batched))
     if baselines:

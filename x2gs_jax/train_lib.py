@@ -395,13 +395,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if fn_key not in steps:
                 # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
                 # compiled here, by jax-triton) and XLA's compilation.
-                t_start = t0 = time.perf_counter()
+                t_start = time.perf_counter()
                 settings = step_settings(config, sc, stage, max_pairs)
                 opt = build_optimizer(config, state.params)
                 lowered = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0).lower(*args)
-                t_lowered = t0 = timer.since("trace_and_lower", t0)
+                t_lowered = timer.since("trace_and_lower", t_start)
                 steps[fn_key] = lowered.compile()
-                t_compiled = timer.since("xla_compile", t0)
+                t_compiled = timer.since("xla_compile", t_lowered)
                 # One `compile` record per step function: which stage, capacity and pair buffer cost how much.
                 logger.write(it0, {"fine_stage": stage == "fine", "capacity": state.capacity,
                                    "max_pairs": max_pairs or 0, "scan_length": n_scan,
