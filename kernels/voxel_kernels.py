@@ -1,12 +1,20 @@
-"""Triton kernels of the voxelizer (rasterizer.md §7.2 step 4, §7.4), one program per (8³ tile, batch row).
+"""Triton kernels of the voxelizer (rasterizer.md §7.2 step 4, §7.4).
+
+Forward: one program per (8³ tile, split part, batch row) sums its tile's (Gaussian, tile) pairs over the tile's
+512 voxels. Backward: one program per (Gaussian, batch row) gathers the cotangent over that Gaussian's own voxel
+box and writes its ten moments (no pairs, no atomics).
 
 Layouts (B = batch of Gaussian states, C = Gaussians, T = 8³ tiles, grid of tiles (GX, GY, GZ), P = pairs):
   params [B, C, 12] f32   (v_x, v_y, v_z, Q_xx, Q_xy, Q_xz, Q_yy, Q_yz, Q_zz, ρ, 0, 0): centre in voxel units,
                           Q = Σ_v⁻¹ (voxel units), density (0 when culled)
   box    [B, C, 8] int32  tile box (x0, y0, z0, x1, y1, z1, 0, 0) of the binning; empty = no pairs
+  vbox   [B, C, 8] int32  voxel box (x0, y0, z0, x1, y1, z1, 0, 0), half-open, inside the grid and the tile
+                          box: the voxels the forward can give the Gaussian (kernels/voxelize.py::_voxel_boxes)
   tstart [B, T·SUB + 1], gids [B, P] int32: the binning of kernels/binning.py (tile t: slots tstart[t·SUB] ..)
-  volume [B, NX, NY, NZ] f32, flat index ((i·NY) + j)·NZ + k
-Exactness: a tile whose slots run past P tests every Gaussian's box instead of its partial pair list.
+  volume, cotangent [B, NX, NY, NZ] f32, flat index ((i·NY) + j)·NZ + k
+  mom    [B, C, 10] f32   Σ Gg, Σ Gg δ (x, y, z), Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz)
+Exactness: a tile whose slots run past P tests every Gaussian's box instead of its partial pair list (forward);
+the backward does not use the pairs.
 All offsets are int32: B·NX·NY·NZ, B·C·12 and B·P must stay below 2³¹. INTERP: see raster_kernels.py.
 """
 from kernels._launch import prepare_triton
@@ -135,80 +143,133 @@ def voxel_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, C, P, S
 
 
 @triton.jit
-def _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C):
-    """Ten moments per pair (voxels on axis 0: per-pair sums stay inside threads), relaxed atomics into
-    mom[b, g, 0:10]: Σ Gg, Σ Gg δ (x, y, z), Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz)."""
-    dx = vx[None, :] - cx[:, None]
-    dy = vy[None, :] - cy[:, None]
-    dz = vz[None, :] - cz[:, None]
-    e = (-0.5 * (qxx[None, :] * dx * dx + qyy[None, :] * dy * dy + qzz[None, :] * dz * dz)
-         - (qxy[None, :] * dx * dy + qxz[None, :] * dx * dz + qyz[None, :] * dy * dz))
-    gauss = tl.exp(e)
-    keep = ok[None, :] & (e <= 0.0) & (rho[None, :] * gauss >= 1e-6)
-    gg = tl.where(keep, gauss * up[:, None], 0.0)
-    gx = gg * dx
-    gy = gg * dy
-    gz = gg * dz
-    out = mom_ptr + (b * C + g) * 16
-    tl.atomic_add(out + 0, tl.sum(gg, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 1, tl.sum(gx, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 2, tl.sum(gy, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 3, tl.sum(gz, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 4, tl.sum(gx * dx, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 5, tl.sum(gx * dy, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 6, tl.sum(gx * dz, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 7, tl.sum(gy * dy, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 8, tl.sum(gy * dz, axis=0), mask=ok, sem="relaxed")
-    tl.atomic_add(out + 9, tl.sum(gz * dz, axis=0), mask=ok, sem="relaxed")
+def _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z, wrap_y):
+    """Move every lane BLOCK_V box voxels on (z fastest): + (sx, sy, sz) voxels with one carry per axis
+    (sz < nz, sy < ny). cx, cy, cz [BLOCK_V] f32 are voxel centres i + ½ (exact half-integers, so they equal the
+    forward's i.to(f32) + 0.5 bit for bit), off [BLOCK_V] int32 the flat grid index ((i·NY) + j)·NZ + k; a carry
+    out of z (y) costs wrap_z = NZ − nz (wrap_y = NY·NZ − ny·NZ) on top of step = sx·NY·NZ + sy·NZ + sz."""
+    cz = cz + szf
+    ck = cz > zlast  # k ≥ z1  ⇔  k + ½ > z1 − ½
+    cz = tl.where(ck, cz - nzf, cz)
+    cy = cy + syf + tl.where(ck, 1.0, 0.0)
+    cj = cy > ylast
+    cy = tl.where(cj, cy - nyf, cy)
+    cx = cx + sxf + tl.where(cj, 1.0, 0.0)
+    off = off + step + tl.where(ck, wrap_z, 0) + tl.where(cj, wrap_y, 0)
+    return cx, cy, cz, off
 
 
 @triton.jit
-def voxel_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, cot_ptr, C, P, SPLIT, mom_ptr,
-                     T: tl.constexpr, GY: tl.constexpr, GZ: tl.constexpr, NX: tl.constexpr, NY: tl.constexpr,
-                     NZ: tl.constexpr, BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
-    """Per pair, the ten moments of the cotangent-weighted Gaussian over the tile's contributing voxels
-    (G = exp(E), g = ∂L/∂vol), added into mom[b, g, 0:10] (zeroed before); §7.4's sums are linear in them."""
-    t = tl.program_id(0) // SPLIT
-    s = tl.program_id(0) % SPLIT
+def _bwd_voxels(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ok, up, cx, cy, cz,
+                vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho):
+    """Add one chunk of voxels (cotangent up, centres cx, cy, cz; lanes ok) to the per-lane moment accumulators
+    (reduced once, after the loop). δ, E and the keep rule are written as in _fwd_eval, so a voxel counts here
+    exactly when the forward adds this Gaussian there."""
+    dx = vx - cx
+    dy = vy - cy
+    dz = vz - cz
+    e = (-0.5 * (qxx * dx * dx + qyy * dy * dy + qzz * dz * dz)
+         - (qxy * dx * dy + qxz * dx * dz + qyz * dy * dz))
+    gauss = tl.exp(e)
+    keep = ok & (e <= 0.0) & (rho * gauss >= 1e-6)
+    gg = tl.where(keep, gauss * up, 0.0)
+    gx = gg * dx
+    gy = gg * dy
+    gz = gg * dz
+    return (a0 + gg, a1 + gx, a2 + gy, a3 + gz, a4 + gx * dx, a5 + gx * dy, a6 + gx * dz, a7 + gy * dy,
+            a8 + gy * dz, a9 + gz * dz)
+
+
+@triton.jit
+def voxel_bwd_kernel(params_ptr, vbox_ptr, cot_ptr, C, mom_ptr, NX: tl.constexpr, NY: tl.constexpr,
+                     NZ: tl.constexpr, BLOCK_V: tl.constexpr, INTERP: tl.constexpr):
+    """Gather backward (§7.4): program (g, b) writes mom[b, g, 0:10] = Σ Gg, Σ Gg δ (x, y, z),
+    Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz) over the voxels of its box vbox[b, g] (G = exp(E), g = cot[b] = ∂L/∂vol at
+    the voxel, δ = v − voxel centre, the forward's keep rule E ≤ 0, ρG ≥ 1e-6). Plain stores: every (b, g) is
+    written once (zeros for an empty box), deterministic, no atomics.
+
+    The box (half-open; clamped to the grid here as a guard) is linearised z fastest (neighbouring lanes read
+    neighbouring cotangent floats) and walked BLOCK_V voxels at a time, so the cost is ~ its voxel count; the
+    next chunk's cotangent is loaded before the current chunk is evaluated (hides the load latency on big boxes).
+    """
+    g = tl.program_id(0)
     b = tl.program_id(1)
-    i, j, k = _voxels(t, GY, GZ)
-    cx = i.to(tl.float32) + 0.5
-    cy = j.to(tl.float32) + 0.5
-    cz = k.to(tl.float32) + 0.5
-    inside = (i < NX) & (j < NY) & (k < NZ)
-    up = tl.load(cot_ptr + b * (NX * NY * NZ) + (i * NY + j) * NZ + k, mask=inside, other=0.0)
-    start = tl.load(tstart_ptr + b * (T * SUB + 1) + t * SUB)
-    end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
-    if end <= P:
-        lo, hi = split_range(start, end, s, SPLIT, BLOCK_G)
-        ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _pairs(params_ptr, gid_ptr, b, lo, hi, C, P,
-                                                                     BLOCK_G)
-        if INTERP:
-            p = lo
-            while p < hi:
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
-                _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
-                p += BLOCK_G
-        else:
-            for p in range(lo, hi, BLOCK_G):
-                n = _pairs(params_ptr, gid_ptr, b, p + BLOCK_G, hi, C, P, BLOCK_G)
-                _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = n
+    vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _params(params_ptr, b, g, g < C, C)  # mask always true
+    bx = vbox_ptr + (b * C + g) * 8
+    x0 = tl.maximum(tl.load(bx + 0), 0)
+    y0 = tl.maximum(tl.load(bx + 1), 0)
+    z0 = tl.maximum(tl.load(bx + 2), 0)
+    nx = tl.maximum(tl.minimum(tl.load(bx + 3), NX) - x0, 0)
+    ny = tl.maximum(tl.minimum(tl.load(bx + 4), NY) - y0, 0)
+    nz = tl.maximum(tl.minimum(tl.load(bx + 5), NZ) - z0, 0)
+    total = nx * ny * nz  # an empty box: 0, the loop never runs
+    nyc = tl.maximum(ny, 1)  # only keep the divisions below defined for an empty box
+    nzc = tl.maximum(nz, 1)
+    # Lane l starts at box voxel l, and every step moves it BLOCK_V voxels on: (sx, sy, sz) = BLOCK_V split
+    # like a box index, so a step needs one carry per axis and no division.
+    lin = tl.arange(0, BLOCK_V)
+    li = lin // (nyc * nzc)
+    lr = lin % (nyc * nzc)
+    lj = lr // nzc
+    lk = lr % nzc
+    sx = BLOCK_V // (nyc * nzc)
+    sr = BLOCK_V % (nyc * nzc)
+    sy = sr // nzc
+    sz = sr % nzc
+    cx = (x0 + li).to(tl.float32) + 0.5
+    cy = (y0 + lj).to(tl.float32) + 0.5
+    cz = (z0 + lk).to(tl.float32) + 0.5
+    off = ((x0 + li) * NY + (y0 + lj)) * NZ + (z0 + lk)
+    step = (sx * NY + sy) * NZ + sz
+    sxf = sx.to(tl.float32)
+    syf = sy.to(tl.float32)
+    szf = sz.to(tl.float32)
+    ylast = (y0 + nyc).to(tl.float32) - 0.5
+    zlast = (z0 + nzc).to(tl.float32) - 0.5
+    nyf = nyc.to(tl.float32)
+    nzf = nzc.to(tl.float32)
+    wrap_z = NZ - nzc
+    wrap_y = (NY - nyc) * NZ
+    cot = cot_ptr + b * (NX * NY * NZ)
+    up = tl.load(cot + off, mask=lin < total, other=0.0)
+    a0 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a4 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a5 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a6 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a7 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a8 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    a9 = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    if INTERP:
+        p = 0
+        while p < total:
+            ncx, ncy, ncz, noff = _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z,
+                                           wrap_y)
+            nup = tl.load(cot + noff, mask=lin < total - p - BLOCK_V, other=0.0)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _bwd_voxels(
+                a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, lin < total - p, up, cx, cy, cz,
+                vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho)
+            cx, cy, cz, off, up = ncx, ncy, ncz, noff, nup
+            p += BLOCK_V
     else:
-        ta = t // (GY * GZ)
-        tb = (t // GZ) % GY
-        tc = t % GZ
-        c_lo, c_hi = split_range(0, C, s, SPLIT, BLOCK_G)
-        if INTERP:
-            c0 = c_lo
-            while c0 < c_hi:
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
-                                                                               tc, C, BLOCK_G)
-                _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
-                c0 += BLOCK_G
-        else:
-            for c0 in range(c_lo, c_hi, BLOCK_G):
-                ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _members(params_ptr, box_ptr, b, c0, c_hi, ta, tb,
-                                                                               tc, C, BLOCK_G)
-                _bwd_eval(mom_ptr, b, ok, g, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho, cx, cy, cz, up, C)
+        for p in range(0, total, BLOCK_V):
+            ncx, ncy, ncz, noff = _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z,
+                                           wrap_y)
+            nup = tl.load(cot + noff, mask=lin < total - p - BLOCK_V, other=0.0)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _bwd_voxels(
+                a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, lin < total - p, up, cx, cy, cz,
+                vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho)
+            cx, cy, cz, off, up = ncx, ncy, ncz, noff, nup
+    out = mom_ptr + (b * C + g) * 10
+    tl.store(out + 0, tl.sum(a0, axis=0))
+    tl.store(out + 1, tl.sum(a1, axis=0))
+    tl.store(out + 2, tl.sum(a2, axis=0))
+    tl.store(out + 3, tl.sum(a3, axis=0))
+    tl.store(out + 4, tl.sum(a4, axis=0))
+    tl.store(out + 5, tl.sum(a5, axis=0))
+    tl.store(out + 6, tl.sum(a6, axis=0))
+    tl.store(out + 7, tl.sum(a7, axis=0))
+    tl.store(out + 8, tl.sum(a8, axis=0))
+    tl.store(out + 9, tl.sum(a9, axis=0))

@@ -8,12 +8,15 @@ Pipeline (a batch of Gaussian states under vmap is folded into one launch of eac
   2. `kernels.binning.bin_tiles` groups (Gaussian, 8³ tile) pairs by tile (Triton count → scan → fill).
   3. `voxel_fwd_kernel`: one program per (tile, split part, batch row) sums its part of the tile's pairs over
      the tile's 512 voxels; the parts are summed in JAX (few tiles, e.g. the 32³ TV patch: see split_factor).
-  4. Backward (`jax.custom_vjp`): `voxel_bwd_kernel` reduces each pair to ten moments, added atomically per
-     Gaussian; §7.4's chain (Q → Σ_v with the 1/(det² + 1e-7) guard → Σ → (s, q); v → m with the "true" or
-     the reference's h²-scaled mean gradient) runs in JAX, as in the reference path.
+  4. Backward (`jax.custom_vjp`): `voxel_bwd_kernel` gathers, one program per (Gaussian, batch row), the
+     cotangent over the Gaussian's voxel box (`_voxel_boxes`: the threshold box of step 1 inside its tile box
+     and the grid) and writes its ten moments with plain stores (no binning, no atomics, deterministic; cost ~
+     the box voxels, not pairs × 512). §7.4's chain (Q → Σ_v with the 1/(det² + 1e-7) guard → Σ → (s, q);
+     v → m with the "true" or the reference's h²-scaled mean gradient) runs in JAX, as in the reference path.
 
 Exact (no pair is ever dropped): a tile whose pairs did not fit into the static pair buffer tests every
-Gaussian's tile box instead of its pair list (slow, rare with the default capacity). No host synchronisation.
+Gaussian's tile box instead of its pair list (slow, rare with the default capacity); the backward uses no pair
+list. No host synchronisation.
 """
 from __future__ import annotations
 
@@ -33,8 +36,15 @@ VTILE = 8  # voxel tile edge (the reference's)
 # Launch shapes (profile-tuned on an H200, see bench/README.md).
 BLOCK_G = 8  # forward: [8 pairs, 512 voxels] float32 per temporary
 NUM_WARPS = 4
-BLOCK_G_BWD = 8  # backward: [512 voxels, 8 pairs]
-NUM_WARPS_BWD = 4
+# Backward (gather), one program per Gaussian: voxels per loop step and warps. Not yet timed on a GPU: to be
+# tuned there (bench/profile.py). Why one warp: the ten moment sums then reduce within the warp (shuffles only,
+# no shared memory or barriers), and the per-program set-up and reductions, paid once per Gaussian, are not
+# repeated by every warp. SASS counts (sm_90, Triton 3.6) per warp: set-up + reductions ≈ 360 instructions,
+# 133 per step of 64 voxels; (BLOCK_V, warps) = (256, 4) costs 4 × (≈ 480 + 133 per step). The 64³ / 50k
+# benchmark scene's voxel boxes hold 117 voxels on average (median 80, at most 1100): ≈ 34M warp instructions
+# with (64, 1), ≈ 126M with (256, 4). 256³ grids (boxes up to ~6·10⁴ voxels) are step-bound: ≈ 8·10⁸ for both.
+BLOCK_V_BWD = 64
+NUM_WARPS_BWD = 1
 PAIRS_PER_GAUSSIAN = 32  # default pair buffer: this many 8³ tiles per Gaussian (beyond: exact slow fallback)
 
 
@@ -73,19 +83,16 @@ def _render_op(st: _Static, c: int):
 
 
 def _moments_op(st: _Static, c: int):
-    """(params, box, tstart, gids, cotangent [B,nx,ny,nz]) → moments [B,C,16] (ten used) of §7.4."""
+    """(params [B,C,12], vbox [B,C,8], cotangent [B,nx,ny,nz]) → moments [B,C,10] of §7.4: Σ Gg, Σ Gg δ (3),
+    Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz) over each Gaussian's voxel box (G = exp(E), g = cotangent, δ = v − voxel
+    centre in voxels). One program per (Gaussian, batch row); every output element is stored (no memset)."""
     from kernels import voxel_kernels as vk  # lazy: imports triton
 
-    ga, gb, gc = _tiles(st.n)
-    n_tiles = ga * gb * gc
-
-    def run(params, box, tstart, gids, cot):
+    def run(params, vbox, cot):
         b = params.shape[0]
-        split = split_factor(n_tiles * b, st.capacity // n_tiles, BLOCK_G_BWD)
-        (mom,) = launch(vk.voxel_bwd_kernel, (n_tiles * split, b), [jax.ShapeDtypeStruct((b, c, 16), jnp.float32)],
-                        params, box, tstart, gids, cot, scalars=(c, st.capacity, split), zeroed=(0,),
-                        num_warps=NUM_WARPS_BWD, T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2],
-                        BLOCK_G=BLOCK_G_BWD, SUB=SUB, INTERP=not on_gpu())
+        (mom,) = launch(vk.voxel_bwd_kernel, (c, b), [jax.ShapeDtypeStruct((b, c, 10), jnp.float32)],
+                        params, vbox, cot, scalars=(c,), num_warps=NUM_WARPS_BWD, NX=st.n[0], NY=st.n[1],
+                        NZ=st.n[2], BLOCK_V=BLOCK_V_BWD, INTERP=not on_gpu())
         return mom
 
     return merge_batch(run)
@@ -110,13 +117,30 @@ def _setup(st: _Static, means, scales, rotations, densities, size, center):
     return s, params, box
 
 
+def _voxel_boxes(s: vr.Setup) -> jax.Array:
+    """Voxel box [C, 8] int32 (x0, y0, z0, x1, y1, z1, 0, 0), half-open, of each Gaussian: the voxels where the
+    forward may add it. Empty (all 0) for culled, zero-density and below-threshold Gaussians.
+
+    The forward adds Gaussian g at voxel x iff x lies in one of g's 8³ tiles and passes the keep rule (E ≤ 0,
+    ρ exp(E) ≥ 1e-6). Its tiles are those meeting gaussian_setup's support box [lo, hi) = reference tile box ∩
+    grid ∩ box of {ρ exp(E) ≥ 1e-6} (with float32 safety margins); the voxels of those tiles outside [lo, hi)
+    fail the threshold (the reference path and the forward's choice of tiles rely on the same fact). So the
+    forward's contributing voxels are exactly those of [lo, hi) that pass the keep rule.
+    """
+    keep = jnp.all(s.block_cnt > 0, axis=-1)
+    zi = jnp.zeros_like(s.lo[:, :2])
+    return empty_boxes(jnp.concatenate([s.lo, s.hi, zi], axis=-1).astype(jnp.int32), keep)
+
+
 def _forward(st: _Static, means, scales, rotations, densities, size, center):
     c = means.shape[0]
     s, params, box = _setup(st, means, scales, rotations, densities, size, center)
     params, box = params[None], box[None]
     tstart, gids = bin_tiles(box, tile_grid=_tiles(st.n), capacity=st.capacity)
     vol = _render_op(st, c)(params, box, tstart, gids)
-    return vol[0], (s, params, box, tstart, gids)
+    # The backward's voxel boxes (a forward-only call drops them).
+    vbox = _voxel_boxes(s)
+    return vol[0], (s, params, vbox[None])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -130,8 +154,8 @@ def _voxelize_fwd(st, means, scales, rotations, densities, size, center):
 
 
 def _voxelize_bwd(st, res, cot):
-    (s, params, box, tstart, gids), scales, rotations, size, center = res
-    mom = _moments_op(st, params.shape[1])(params, box, tstart, gids, cot.astype(jnp.float32)[None])[0]
+    (s, params, vbox), scales, rotations, size, center = res
+    mom = _moments_op(st, params.shape[1])(params, vbox, cot.astype(jnp.float32)[None])[0]
     s0 = mom[:, 0]
     s1 = mom[:, 1:4]  # Σ Gg δ
     s2 = mom[:, 4:10]  # Σ Gg δδᵀ (xx, xy, xz, yy, yz, zz)

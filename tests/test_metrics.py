@@ -139,3 +139,25 @@ def test_metrics_2d_host():
     with pytest.raises(ValueError, match="gt shape"):
         metrics.metrics_2d(gt, gt[:, :, :8])
 
+
+
+def test_ssim_matches_scikit_image_where_conventions_coincide():
+    """scikit-image's SSIM with the reference's settings (Gaussian window σ 1.5 truncated at 3.5σ = 11 taps,
+    population covariances, C1 = 0.01², C2 = 0.03², data range 1) equals ours on every pixel whose window lies
+    inside the image: skimage reflects at the borders and averages the map without a 5-pixel margin, the
+    reference (and we) zero-pad and average the whole map — so the interiors and their means must agree."""
+    from skimage.metrics import structural_similarity
+
+    from x2gs_jax import losses
+
+    rng = np.random.default_rng(7)
+    gt = rng.uniform(0.0, 1.0, (40, 33)).astype(np.float32)
+    pred = np.clip(gt + rng.normal(0.0, 0.1, gt.shape), 0.0, 1.0).astype(np.float32)
+    mssim, smap = structural_similarity(gt.astype(np.float64), pred.astype(np.float64), gaussian_weights=True,
+                                        sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True)
+    ours = np.asarray(losses.ssim_map(gt, pred), np.float64)
+    inner = (slice(5, -5), slice(5, -5))
+    np.testing.assert_allclose(ours[inner], smap[inner], atol=2e-5)
+    assert abs(float(np.mean(ours[inner])) - mssim) < 1e-5
+    # The zero-padded border is where the conventions differ (so the comparison above is not vacuous).
+    assert np.max(np.abs(ours[0] - smap[0])) > 1e-3

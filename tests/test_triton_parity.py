@@ -2,8 +2,8 @@
 
 GPU tests (`@pytest.mark.gpu`, skipped on CPU machines) draw fresh random scenes every run (the seed is in the
 assertion message), start every output buffer as NaN (`debug_poison`) so an unwritten pixel/voxel fails, and
-compare images/volumes (≤ 1e-5 relative L2) and gradients (≤ 1e-4) with the reference path. Two small CPU tests
-run the same kernels in Triton's interpreter, so CI checks the kernel logic, binning and VJP/vmap wiring too.
+compare images/volumes (≤ 1e-5 relative L2) and gradients (≤ 1e-4) with the reference path. Small CPU tests run
+the same kernels in Triton's interpreter, so CI checks the kernel logic, binning and VJP/vmap wiring too.
 """
 import os
 
@@ -35,6 +35,15 @@ def _rel(a, b) -> float:
 
 def _fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
+
+
+def _in_float64(fn, *args):
+    """fn(*args) with JAX's 64-bit mode on and every float32 array of args (pytrees too) widened to float64: the
+    reference path evaluated (nearly) exactly, as an oracle for the float32 kernels."""
+    with jax.enable_x64(True):
+        wide = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.asarray(x).dtype == jnp.float32 else x, args)
+        out = fn(*wide)
+        return jax.tree.map(lambda x: np.asarray(x), out)
 
 
 def _scene(rng, n, lo=-0.8, hi=0.8, smin=0.004, smax=0.03, n_inactive=0):
@@ -296,7 +305,9 @@ def test_kernels_in_interpreter_cpu(split, monkeypatch):
     """The same kernels in Triton's interpreter: a tiny cone render (vmapped over 2 views) and a tiny
     voxelization, with half the pair slots they need (both the pair-list and the overflow-fallback paths),
     values and gradients against the reference path. split=3: every tile's pair range (and the fallback's
-    Gaussian range) split over 3 programs, as small detectors and the TV patch get on a GPU."""
+    Gaussian range) split over 3 programs, as small detectors and the TV patch get on a GPU. The reference runs in
+    float64: with 24 Gaussians one Gaussian's gradient can carry the float32 reference's own rounding (seen:
+    1.3e-4 relative on a scale gradient, where the kernels were within 6e-7 of float64)."""
     import kernels.rasterize
     import kernels.voxelize
     from kernels import voxelize as kv
@@ -315,7 +326,7 @@ def test_kernels_in_interpreter_cpu(split, monkeypatch):
     cams = jax.vmap(sc.camera)(jnp.asarray([0.3, 2.0], jnp.float32))
     weights = jnp.asarray(rng.uniform(size=(2, 20, 24)).astype(np.float32))
 
-    def views(render, **kw):
+    def views(render, m, s, q, d, cams, weights, **kw):
         def f(m, s, q, d):
             imgs = jax.vmap(lambda c: render(m, s, q, d, c, **kw)[0])(cams)
             return jnp.sum(weights * imgs), imgs
@@ -323,8 +334,9 @@ def test_kernels_in_interpreter_cpu(split, monkeypatch):
 
     # Half the needed pair slots: early tiles use their pair lists, later ones the exact fallback.
     need = jax.vmap(lambda c: count_pairs(m, s, q, d, c))(cams)
-    (_, i_t), g_t = views(rasterize_points, max_pairs=max(int(np.min(need)) // 2, 1), debug_poison=True)
-    (_, i_r), g_r = views(rasterize_points_ref)
+    (_, i_t), g_t = views(rasterize_points, m, s, q, d, cams, weights, max_pairs=max(int(np.min(need)) // 2, 1),
+                          debug_poison=True)
+    (_, i_r), g_r = _in_float64(lambda *a: views(rasterize_points_ref, *a), m, s, q, d, cams, weights)
     assert not np.isnan(np.asarray(i_t)).any() and _rel(i_t, i_r) <= IMG_TOL, f"seed {seed}"
     for a, b in zip(g_t, g_r):
         assert _rel(a, b) <= GRAD_TOL, f"seed {seed}"
@@ -332,15 +344,142 @@ def test_kernels_in_interpreter_cpu(split, monkeypatch):
     grid = Grid(n=(10, 8, 9), size=(2.0, 1.8, 1.6), center=(0.05, 0.0, -0.02))
     wv = jnp.asarray(rng.uniform(size=grid.n).astype(np.float32))
 
-    def vox(fn):
+    def vox(fn, m, s, q, d, wv):
         f = lambda *a: (lambda v: (jnp.sum(wv * v), v))(fn(*a))  # noqa: E731
         return jax.jit(jax.value_and_grad(f, argnums=range(4), has_aux=True))(m, s, q, d)
 
     _, _, box = kv._setup(kv._Static(grid.n, "extent", "true", 1, False), jnp.asarray(m), jnp.asarray(s),
                           jnp.asarray(q), jnp.asarray(d), grid.size, grid.center)
     half = max(int(jnp.sum(jnp.prod(box[:, 3:6] - box[:, 0:3], axis=-1))) // 2, 1)
-    (_, v_t), gv_t = vox(lambda *a: voxelize_points(*a, grid, pair_capacity=half, debug_poison=True))
-    (_, v_r), gv_r = vox(lambda *a: voxelize_dispatch(*a, grid, backend="reference"))
+    (_, v_t), gv_t = vox(lambda *a: voxelize_points(*a, grid, pair_capacity=half, debug_poison=True), m, s, q, d, wv)
+    (_, v_r), gv_r = _in_float64(lambda *a: vox(lambda *b: voxelize_dispatch(*b, grid, backend="reference"), *a),
+                                 m, s, q, d, wv)
     assert not np.isnan(np.asarray(v_t)).any() and _rel(v_t, v_r) <= IMG_TOL, f"seed {seed}"
     for a, b in zip(gv_t, gv_r):
         assert _rel(a, b) <= GRAD_TOL, f"seed {seed}"
+
+
+def _edge_scene(rng):
+    """Tiny voxelizer scene on a 19×13×10 grid (8³ tiles: 3×2×2, the last ones partial; voxel ≈ 0.1): Gaussians
+    whose boxes cross tile borders (centres on voxel 8 planes), clipped by every face of the grid, one centred
+    outside the grid (kept by "extent" culling, culled by "center"), a large one over several tiles, a tiny
+    one, an elongated one, an inactive slot, and random ones. Returns (grid, means, scales, rotations, densities)."""
+    grid = Grid(n=(19, 13, 10), size=(2.0, 1.4, 1.0), center=(0.05, -0.02, 0.01))
+    n, size, center = (np.asarray(a, np.float32) for a in (grid.n, grid.size, grid.center))
+    h = size / n
+    special = [  # (centre in voxel units, scales in voxels, density)
+        ((8.0, 8.0, 5.0), (0.7, 0.6, 0.8), 0.9),  # on the x and y tile borders
+        ((0.3, 0.4, 0.2), (0.8, 0.7, 0.9), 0.7),  # grid corner (low faces)
+        ((18.7, 12.6, 9.8), (0.9, 0.8, 0.7), 0.8),  # grid corner (high faces, partial tiles)
+        ((20.0, 6.0, 4.0), (0.8, 0.8, 0.8), 1.0),  # centre outside the grid, reaches in
+        ((9.5, 6.5, 5.5), (2.2, 1.8, 2.0), 0.6),  # large: several tiles
+        ((3.5, 3.5, 3.5), (0.05, 0.05, 0.05), 0.5),  # tiny: box of a voxel or two
+        ((12.0, 7.0, 3.0), (2.5, 0.3, 0.4), 0.9),  # elongated (randomly rotated)
+        ((8.0, 4.0, 8.0), (0.8, 0.8, 0.8), 0.0),  # inactive slot
+    ]
+    ms = np.asarray([c for c, _, _ in special], np.float32) * h + (center - 0.5 * size)
+    ss = np.asarray([s for _, s, _ in special], np.float32) * h
+    ds = np.asarray([d for _, _, d in special], np.float32)
+    qs = rng.normal(size=(len(special), 4)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    m, s, q, d = _scene(rng, 12, lo=-1.1, hi=1.1, smin=0.02, smax=0.12, n_inactive=1)
+    return (grid, np.concatenate([ms, m]), np.concatenate([ss, s]), np.concatenate([qs, q]),
+            np.concatenate([ds, d]))
+
+
+def _brute_moments(params, tile_box, cot):
+    """Ten moments [C, 10] (float64) over every voxel of each Gaussian's 8³ tile box in the grid, with the
+    forward's keep rule: what the old tile-pair backward computed (numpy, independent of the kernel's box)."""
+    params = np.asarray(params, np.float64)
+    out = np.zeros((params.shape[0], 10))
+    for g, (p, bx) in enumerate(zip(params, np.asarray(tile_box))):
+        lo = np.minimum(bx[0:3] * 8, cot.shape)
+        hi = np.minimum(bx[3:6] * 8, cot.shape)
+        if np.any(hi <= lo):
+            continue
+        i, j, k = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+        dx, dy, dz = p[0] - (i + 0.5), p[1] - (j + 0.5), p[2] - (k + 0.5)
+        qxx, qxy, qxz, qyy, qyz, qzz, rho = p[3:10]
+        e = -0.5 * (qxx * dx * dx + qyy * dy * dy + qzz * dz * dz) - (qxy * dx * dy + qxz * dx * dz + qyz * dy * dz)
+        gauss = np.exp(e)
+        gg = np.where((e <= 0) & (rho * gauss >= 1e-6), gauss * cot[i, j, k], 0.0)
+        out[g] = [np.sum(x) for x in (gg, gg * dx, gg * dy, gg * dz, gg * dx * dx, gg * dx * dy, gg * dx * dz,
+                                       gg * dy * dy, gg * dy * dz, gg * dz * dz)]
+    return out
+
+
+@pytest.mark.skipif(not _interpreter_available(), reason="needs triton (interpreter) on a CPU backend")
+@pytest.mark.parametrize("culling,mean_grad", [("extent", "true"), ("extent", "reference_h2"),
+                                               ("center", "true"), ("center", "reference_h2")])
+def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatch):
+    """The per-Gaussian gather backward in Triton's interpreter on boxes crossing tile and grid borders:
+    (1) its voxel boxes lie in the forward's tile boxes and the grid, and its moments equal a brute-force sum
+    over the whole tile boxes (the forward's membership: voxels outside its box contribute nothing), for the
+    default vector and others (a step shorter than a z row, longer than a box);
+    (2) values and gradients (means, scales, rotations, densities) equal the reference path's, unbatched and
+    under vmap over two Gaussian states (merge_batch)."""
+    from kernels import voxelize as kv
+
+    seed = _fresh_seed()
+    rng = np.random.default_rng(seed)
+    grid, m, s, q, d = _edge_scene(rng)
+    n = np.asarray(grid.n)
+    args = tuple(jnp.asarray(a) for a in (m, s, q, d))
+    opts = dict(culling=culling, mean_grad=mean_grad)
+
+    # (1) Boxes and moments.
+    st = kv._Static(grid.n, culling, mean_grad, 1, False)
+    sz, ct = jnp.asarray(grid.size, jnp.float32), jnp.asarray(grid.center, jnp.float32)
+    setup, params, tile_box = kv._setup(st, *args, sz, ct)
+    vbox = np.asarray(kv._voxel_boxes(setup))
+    tile_box = np.asarray(tile_box)
+    live = np.all(vbox[:, 3:6] > vbox[:, 0:3], axis=-1)
+    np.testing.assert_array_equal(live, np.all(tile_box[:, 3:6] > tile_box[:, 0:3], axis=-1))
+    assert np.all(vbox[live, 0:3] >= 8 * tile_box[live, 0:3]) and np.all(vbox[live, 3:6] <= 8 * tile_box[live, 3:6])
+    assert np.all(vbox[live, 0:3] >= 0) and np.all(vbox[live, 3:6] <= n)
+    # The scene does exercise what it is meant to: boxes across tile borders and against both grid faces.
+    assert np.any(live[:, None] & (vbox[:, 0:3] // 8 != (vbox[:, 3:6] - 1) // 8)), "no box crosses a tile border"
+    assert np.any(live[:, None] & (vbox[:, 0:3] == 0)) and np.any(live[:, None] & (vbox[:, 3:6] == n))
+    assert live[3] == (culling == "extent") and not live[7], "outside / inactive Gaussian"
+    assert np.prod(vbox[:, 3:6] - vbox[:, 0:3], axis=-1).max() > 2 * kv.BLOCK_V_BWD, "no box takes several steps"
+    cot = rng.uniform(-1.0, 1.0, grid.n).astype(np.float32)
+    brute = _brute_moments(params, tile_box, cot)
+    for block in (kv.BLOCK_V_BWD, 8, 512):
+        monkeypatch.setattr(kv, "BLOCK_V_BWD", block)
+        mom = kv._moments_op(st, m.shape[0])(params[None], jnp.asarray(vbox)[None], jnp.asarray(cot)[None])
+        mom = np.asarray(mom)[0]
+        assert not np.isnan(mom).any() and np.all(mom[~live] == 0), f"seed {seed}: unwritten or stray moments"
+        for a in range(10):  # float32 sums of signed terms vs float64: ~1e-6; a missing voxel would give ≳1e-2
+            err = _rel(mom[:, a], brute[:, a])
+            assert err <= GRAD_TOL, f"seed {seed}, BLOCK_V {block}: moment {a} rel L2 {err:.2e}"
+    monkeypatch.undo()
+
+    # (2) Gradients against the reference path.
+    wv = jnp.asarray(rng.uniform(size=grid.n).astype(np.float32))
+
+    def vox(fn, wv, *args):
+        f = lambda *a: (lambda v: (jnp.sum(wv * v), v))(fn(*a, grid, **opts))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=range(4), has_aux=True))(*args)
+
+    (_, v_t), g_t = vox(lambda *a, **k: kv.voxelize_points(*a, debug_poison=True, **k), wv, *args)
+    (_, v_r), g_r = _in_float64(lambda *x: vox(lambda *a, **k: voxelize_dispatch(*a, backend="reference", **k), *x),
+                                wv, *args)
+    assert not np.isnan(np.asarray(v_t)).any() and _rel(v_t, v_r) <= IMG_TOL, f"seed {seed}"
+    for name, a, b in zip(("xyz", "scale", "rotation", "density"), g_t, g_r):
+        assert np.isfinite(np.asarray(a)).all(), f"seed {seed}: non-finite {name} gradient"
+        assert _rel(a, b) <= GRAD_TOL, f"seed {seed}: {name} gradient rel L2 {_rel(a, b):.2e}"
+
+    states = jnp.stack([args[0], args[0] + 0.03])
+    dens = jnp.stack([args[3], 0.5 * args[3]])
+    wb = jnp.asarray(rng.uniform(size=(2,) + grid.n).astype(np.float32))
+
+    def batched(fn, states, dens, scales, rotations, wb):
+        def f(mm, dd):
+            vols = jax.vmap(lambda a, b: fn(a, scales, rotations, b, grid, **opts))(mm, dd)
+            return jnp.sum(wb * vols)
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(states, dens)
+
+    inputs = (states, dens, args[1], args[2], wb)
+    reference = lambda *a, **k: voxelize_dispatch(*a, backend="reference", **k)  # noqa: E731
+    for a, b in zip(batched(kv.voxelize_points, *inputs), _in_float64(lambda *x: batched(reference, *x), *inputs)):
+        assert _rel(a, b) <= GRAD_TOL, f"seed {seed}: batched gradient rel L2 {_rel(a, b):.2e}"

@@ -40,7 +40,8 @@ class DeformationConfig:
     bounds: half-size of the field box, world units (g_xyz = -p / bounds).
     net_width, defor_depth: decoder width W and trunk depth D.
     no_dx, no_ds, no_dr: disable the position / scale / rotation offsets.
-    time_mapping: "reference" (g_t = t) or "full" (g_t = 2t - 1, flagged ablation).
+    time_mapping: "reference" (g_t = t: half the time axis is used) or "full" (g_t = 2t - 1: the whole axis;
+      configs/x2_gaussian.py uses it, README difference 18).
     remat: recompute plane samples in the backward pass (memory for compute; same values).
     """
 

@@ -10,7 +10,8 @@ the same at every level. Init: time planes 1.0, spatial planes i.i.d. Uniform(0.
 
 Coordinates (exactly as the reference codes them): g_xyz = -p / bounds (the reference's aabb is
 stored upside down, hence the sign flip), g_t = t (normalised time, raw), so t in [0, 1] only covers
-the upper half of the time axis. "full" time mapping (g_t = 2t - 1) is a flagged ablation.
+the upper half of the time axis. "full" time mapping (g_t = 2t - 1) uses the whole axis (the X2 config's
+default: README difference 18).
 
 Sampling is bilinear with align_corners=True and border padding (PyTorch grid_sample semantics):
 column i = (u+1)/2 (R_a-1), row j = (v+1)/2 (R_b-1), clamped to the plane. `sample_plane` is
@@ -97,7 +98,8 @@ def normalise_coords(xyz: jax.Array, t, bounds: float = 1.6, time_mapping: str =
     """Grid coordinates [N, 4] = (-x/bounds, -y/bounds, -z/bounds, g_t) from world xyz [N, 3] and time t.
 
     t: [] or [N] normalised acquisition time (seconds / scan length). g_t = t ("reference") or
-    2t - 1 ("full", ablation). The sign flip of the spatial axes is the reference's (x2gaussian.md §4).
+    2t - 1 ("full": the whole axis, the X2 config's default). The sign flip of the spatial axes is the
+    reference's (x2gaussian.md §4).
     """
     if time_mapping not in TIME_MAPPINGS:
         raise ValueError(f"normalise_coords: time_mapping must be one of {TIME_MAPPINGS}, got {time_mapping!r}")

@@ -136,8 +136,9 @@ def _raster_forward(st: _Static, means2d, conic, mu, rho, rect_min, rect_max, co
         tile_id = jnp.where(ok, tile_y * gx + tile_x, n_tiles)
         return acc.at[tile_id].add(jnp.where(keep, alpha, 0.0), mode="drop")
 
+    # Accumulate in the inputs' precision (float32 in use; float64 when tests evaluate an oracle in x64 mode).
     tiles = jax.lax.fori_loop(0, _num_chunks(n_pairs, st.chunk), body,
-                              jnp.zeros((n_tiles, PIXELS_PER_TILE), jnp.float32))
+                              jnp.zeros((n_tiles, PIXELS_PER_TILE), weight.dtype))
     return _tiles_to_image(tiles, st.width, st.height)
 
 
@@ -157,7 +158,7 @@ def _raster_bwd(st, res, g_image):
     gx, _ = tile_grid(st.width, st.height)
     n_gauss = means2d.shape[0]
     weight = rho * mu
-    g_tiles = _image_to_tiles(g_image.astype(jnp.float32), st.width, st.height)
+    g_tiles = _image_to_tiles(g_image.astype(weight.dtype), st.width, st.height)
     basis = _moment_basis()
 
     def body(i, acc):
@@ -176,7 +177,7 @@ def _raster_bwd(st, res, g_image):
                              cx * cy * m0 - cx * my - cy * mx + mxy, cy * cy * m0 - 2.0 * cy * my + myy], axis=-1)
         return acc.at[gid].add(moments, indices_are_sorted=True)
 
-    mom = jax.lax.fori_loop(0, _num_chunks(n_pairs, st.chunk), body, jnp.zeros((n_gauss, 6), jnp.float32))
+    mom = jax.lax.fori_loop(0, _num_chunks(n_pairs, st.chunk), body, jnp.zeros((n_gauss, 6), weight.dtype))
     s0, sx, sy, sxx, sxy, syy = (mom[:, i] for i in range(6))
     A, B, C = conic[:, 0], conic[:, 1], conic[:, 2]
     g_rho = mu * s0

@@ -61,6 +61,8 @@ class Setup(NamedTuple):
     ends: jax.Array  # [C] int32 one past its last pair index
     total: jax.Array  # [] int32 number of pairs
     overflow: jax.Array  # [] bool, pair count exceeds int32
+    lo: jax.Array  # [C, 3] int32 first voxel of the support box (tile box ∩ grid ∩ {ρ exp(E) ≥ 1e-6}) per axis
+    hi: jax.Array  # [C, 3] int32 one past its last voxel (meaningful where block_cnt > 0)
 
 
 def _sym6(m: jax.Array) -> jax.Array:
@@ -133,7 +135,7 @@ def gaussian_setup(means, scales, rotations, densities, size, center, n: tuple, 
     start = ends - count
     rho = jnp.where(keep, densities, 0.0)
     total = jnp.where(overflow, 0, ends[-1]) if count.shape[0] else jnp.int32(0)
-    return Setup(v, q, cof, det, rho, block_lo, block_cnt, start, ends, total.astype(jnp.int32), overflow)
+    return Setup(v, q, cof, det, rho, block_lo, block_cnt, start, ends, total.astype(jnp.int32), overflow, lo, hi)
 
 
 @partial(jax.jit, static_argnames=("n", "culling"))
