@@ -36,8 +36,9 @@ VTILE = 8  # voxel tile edge (the reference's)
 # Launch shapes (profile-tuned on an H200, see bench/README.md).
 BLOCK_G = 8  # forward: [8 pairs, 512 voxels] float32 per temporary
 NUM_WARPS = 4
-# Backward (gather), one program per Gaussian: voxels per loop step and warps. Not yet timed on a GPU: to be
-# tuned there (bench/profile.py). Why one warp: the ten moment sums then reduce within the warp (shuffles only,
+# Backward (gather), one program per Gaussian: voxels per loop step and warps. Measured on an H200 at 64³ 50k
+# (bench/profile.py; BENCHMARKS.md): (64, 1) 0.045 ms, (32, 1) 0.041, (128, 1) 0.060, (128, 2) 0.092, (256, 4)
+# 0.168 ms; 64 keeps long boxes (256³ grids) at fewer loop steps than 32. Why one warp: the ten moment sums then reduce within the warp (shuffles only,
 # no shared memory or barriers), and the per-program set-up and reductions, paid once per Gaussian, are not
 # repeated by every warp. SASS counts (sm_90, Triton 3.6) per warp: set-up + reductions ≈ 360 instructions,
 # 133 per step of 64 voxels; (BLOCK_V, warps) = (256, 4) costs 4 × (≈ 480 + 133 per step). The 64³ / 50k
