@@ -69,7 +69,9 @@ def get_config(arg=None):
     elif arg == "ref64":
         # The reference-comparison case of the X2 issue: 64^3 GT at 4 mm, 96^2 detector, 300 views over 60 s and
         # 360 deg, regular 3.0 s breathing, noiseless, 50k initial points, 12 000 iterations (3 000 static),
-        # reference defaults otherwise (LR schedules over 30k steps, densification until 15k).
+        # reference defaults otherwise (LR schedules over 30k steps, densification until 15k) except our time axis
+        # (above; the reference's: --config.model.field.time_mapping=reference
+        # --config.model.field.resolution=(64,64,64,150)).
         c.data.phantom.update(dict(size=64, detector=96, views=300, val_views=50, box_mm=256.0))
         c.data.init.n_points = 50000
         c.train.iterations = 12000
