@@ -138,11 +138,16 @@ def raster_fns(backend: str, res: int, n: int, seed: int):
 
 
 def voxel_fns(backend: str, res: int, n: int, seed: int):
+    """backend: "reference", "triton" (its automatic forward) or "triton:tiles" / "triton:scatter" (that forward
+    algorithm, kernels/voxelize.py FORWARD_MODES)."""
     grid = Grid(n=(res,) * 3, size=(2.0, 2.0, 2.0), center=(0.0, 0.0, 0.0))
     args = scene(n, seed)
     w = jnp.asarray(np.random.default_rng(seed + 1).uniform(size=grid.n).astype(np.float32))
 
     def vox(m, s, q, d):
+        if backend.startswith("triton:"):
+            from kernels.voxelize import voxelize_points as triton_voxelize
+            return triton_voxelize(m, s, q, d, grid, forward=backend.split(":", 1)[1])
         return voxelize_points(m, s, q, d, grid, backend=backend)
 
     fwd = jax.jit(vox)
@@ -170,7 +175,8 @@ def floors(kind, res, n, evals, bw, rate):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backends", default="reference,triton")
+    ap.add_argument("--backends", default="reference,triton",
+                    help="comma list of reference, triton; voxelizer cases also triton:tiles, triton:scatter")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--ref-repeats", type=int, default=5,
                     help="repeats for the reference backend (slow; fewer runs, stated in the output)")
@@ -192,6 +198,8 @@ def main(argv=None):
         if only and not any(name.startswith(o) for o in only):
             continue
         for backend in backends:
+            if kind == "rasterize" and ":" in backend:
+                continue  # forward variants are the voxelizer's
             reps = args.repeats if backend != "reference" else min(args.repeats, args.ref_repeats)
             t0 = time.perf_counter()
             make = raster_fns if kind == "rasterize" else voxel_fns

@@ -1,7 +1,8 @@
 """Triton kernels of the voxelizer (rasterizer.md §7.2 step 4, §7.4).
 
-Forward: one program per (8³ tile, split part, batch row) sums its tile's (Gaussian, tile) pairs over the tile's
-512 voxels. Backward: one program per (Gaussian, batch row) gathers the cotangent over that Gaussian's own voxel
+Tile forward: one program per (8³ tile, split part, batch row) sums its tile's (Gaussian, tile) pairs over the
+tile's 512 voxels. Scatter forward: one program per (Gaussian, batch row) adds the Gaussian over its own voxel box
+with atomics. Backward: one program per (Gaussian, batch row) gathers the cotangent over that Gaussian's own voxel
 box and writes its ten moments (no pairs, no atomics).
 
 Layouts (B = batch of Gaussian states, C = Gaussians, T = 8³ tiles, grid of tiles (GX, GY, GZ), P = pairs):
@@ -160,6 +161,81 @@ def _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_
 
 
 @triton.jit
+def _box_walk(vbox_ptr, b, g, C, NX: tl.constexpr, NY: tl.constexpr, NZ: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Start of the walk over the voxel box vbox[b, g] (half-open; clamped to the grid here as a guard),
+    linearised z fastest (neighbouring lanes touch neighbouring floats): returns (lin, total, cx, cy, cz, off,
+    sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z, wrap_y) for `_advance`. Lane l starts at box voxel l and
+    every step moves it BLOCK_V voxels on: (sx, sy, sz) = BLOCK_V split like a box index, so a step needs one
+    carry per axis and no division. An empty box has total = 0."""
+    bx = vbox_ptr + (b * C + g) * 8
+    x0 = tl.maximum(tl.load(bx + 0), 0)
+    y0 = tl.maximum(tl.load(bx + 1), 0)
+    z0 = tl.maximum(tl.load(bx + 2), 0)
+    nx = tl.maximum(tl.minimum(tl.load(bx + 3), NX) - x0, 0)
+    ny = tl.maximum(tl.minimum(tl.load(bx + 4), NY) - y0, 0)
+    nz = tl.maximum(tl.minimum(tl.load(bx + 5), NZ) - z0, 0)
+    total = nx * ny * nz
+    nyc = tl.maximum(ny, 1)  # only keep the divisions below defined for an empty box
+    nzc = tl.maximum(nz, 1)
+    lin = tl.arange(0, BLOCK_V)
+    li = lin // (nyc * nzc)
+    lr = lin % (nyc * nzc)
+    lj = lr // nzc
+    lk = lr % nzc
+    sx = BLOCK_V // (nyc * nzc)
+    sr = BLOCK_V % (nyc * nzc)
+    sy = sr // nzc
+    sz = sr % nzc
+    cx = (x0 + li).to(tl.float32) + 0.5
+    cy = (y0 + lj).to(tl.float32) + 0.5
+    cz = (z0 + lk).to(tl.float32) + 0.5
+    off = ((x0 + li) * NY + (y0 + lj)) * NZ + (z0 + lk)
+    step = (sx * NY + sy) * NZ + sz
+    ylast = (y0 + nyc).to(tl.float32) - 0.5
+    zlast = (z0 + nzc).to(tl.float32) - 0.5
+    return (lin, total, cx, cy, cz, off, sx.to(tl.float32), sy.to(tl.float32), sz.to(tl.float32), step, ylast,
+            zlast, nyc.to(tl.float32), nzc.to(tl.float32), NZ - nzc, (NY - nyc) * NZ)
+
+
+@triton.jit
+def _scatter_voxels(vol, ok, off, cx, cy, cz, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho):
+    """vol[off] += [E ≤ 0][ρ exp(E) ≥ 1e-6] ρ exp(E) on the lanes ok (E and the keep rule as in _fwd_eval)."""
+    dx = vx - cx
+    dy = vy - cy
+    dz = vz - cz
+    e = (-0.5 * (qxx * dx * dx + qyy * dy * dy + qzz * dz * dz)
+         - (qxy * dx * dy + qxz * dx * dz + qyz * dy * dz))
+    val = rho * tl.exp(e)
+    keep = ok & (e <= 0.0) & (val >= 1e-6)
+    tl.atomic_add(vol + off, val, mask=keep, sem="relaxed")
+
+
+@triton.jit
+def voxel_scatter_kernel(params_ptr, vbox_ptr, C, vol_ptr, NX: tl.constexpr, NY: tl.constexpr, NZ: tl.constexpr,
+                         BLOCK_V: tl.constexpr, INTERP: tl.constexpr):
+    """Scatter forward (§7.2): program (g, b) adds Gaussian g's kept values ρ exp(E) over its voxel box
+    vbox[b, g] into vol[b] (zeroed before the launch) with relaxed atomic adds. No binning: the cost is ~ the
+    box voxels (plus one atomic per kept voxel), the right trade where the tile forward is launch-bound (small
+    grids); the summation order of a voxel's Gaussians is not fixed (values equal to rounding)."""
+    g = tl.program_id(0)
+    b = tl.program_id(1)
+    vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _params(params_ptr, b, g, g < C, C)  # mask always true
+    (lin, total, cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z,
+     wrap_y) = _box_walk(vbox_ptr, b, g, C, NX, NY, NZ, BLOCK_V)
+    vol = vol_ptr + b * (NX * NY * NZ)
+    if INTERP:
+        p = 0
+        while p < total:
+            _scatter_voxels(vol, lin < total - p, off, cx, cy, cz, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho)
+            cx, cy, cz, off = _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z, wrap_y)
+            p += BLOCK_V
+    else:
+        for p in range(0, total, BLOCK_V):
+            _scatter_voxels(vol, lin < total - p, off, cx, cy, cz, vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho)
+            cx, cy, cz, off = _advance(cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z, wrap_y)
+
+
+@triton.jit
 def _bwd_voxels(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ok, up, cx, cy, cz,
                 vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho):
     """Add one chunk of voxels (cotangent up, centres cx, cy, cz; lanes ok) to the per-lane moment accumulators
@@ -195,41 +271,8 @@ def voxel_bwd_kernel(params_ptr, vbox_ptr, cot_ptr, C, mom_ptr, NX: tl.constexpr
     g = tl.program_id(0)
     b = tl.program_id(1)
     vx, vy, vz, qxx, qxy, qxz, qyy, qyz, qzz, rho = _params(params_ptr, b, g, g < C, C)  # mask always true
-    bx = vbox_ptr + (b * C + g) * 8
-    x0 = tl.maximum(tl.load(bx + 0), 0)
-    y0 = tl.maximum(tl.load(bx + 1), 0)
-    z0 = tl.maximum(tl.load(bx + 2), 0)
-    nx = tl.maximum(tl.minimum(tl.load(bx + 3), NX) - x0, 0)
-    ny = tl.maximum(tl.minimum(tl.load(bx + 4), NY) - y0, 0)
-    nz = tl.maximum(tl.minimum(tl.load(bx + 5), NZ) - z0, 0)
-    total = nx * ny * nz  # an empty box: 0, the loop never runs
-    nyc = tl.maximum(ny, 1)  # only keep the divisions below defined for an empty box
-    nzc = tl.maximum(nz, 1)
-    # Lane l starts at box voxel l, and every step moves it BLOCK_V voxels on: (sx, sy, sz) = BLOCK_V split
-    # like a box index, so a step needs one carry per axis and no division.
-    lin = tl.arange(0, BLOCK_V)
-    li = lin // (nyc * nzc)
-    lr = lin % (nyc * nzc)
-    lj = lr // nzc
-    lk = lr % nzc
-    sx = BLOCK_V // (nyc * nzc)
-    sr = BLOCK_V % (nyc * nzc)
-    sy = sr // nzc
-    sz = sr % nzc
-    cx = (x0 + li).to(tl.float32) + 0.5
-    cy = (y0 + lj).to(tl.float32) + 0.5
-    cz = (z0 + lk).to(tl.float32) + 0.5
-    off = ((x0 + li) * NY + (y0 + lj)) * NZ + (z0 + lk)
-    step = (sx * NY + sy) * NZ + sz
-    sxf = sx.to(tl.float32)
-    syf = sy.to(tl.float32)
-    szf = sz.to(tl.float32)
-    ylast = (y0 + nyc).to(tl.float32) - 0.5
-    zlast = (z0 + nzc).to(tl.float32) - 0.5
-    nyf = nyc.to(tl.float32)
-    nzf = nzc.to(tl.float32)
-    wrap_z = NZ - nzc
-    wrap_y = (NY - nyc) * NZ
+    (lin, total, cx, cy, cz, off, sxf, syf, szf, step, ylast, zlast, nyf, nzf, wrap_z,
+     wrap_y) = _box_walk(vbox_ptr, b, g, C, NX, NY, NZ, BLOCK_V)
     cot = cot_ptr + b * (NX * NY * NZ)
     up = tl.load(cot + off, mask=lin < total, other=0.0)
     a0 = tl.zeros((BLOCK_V,), dtype=tl.float32)

@@ -8,6 +8,9 @@ Pipeline (a batch of Gaussian states under vmap is folded into one launch of eac
   2. `kernels.binning.bin_tiles` groups (Gaussian, 8³ tile) pairs by tile (Triton count → scan → fill).
   3. `voxel_fwd_kernel`: one program per (tile, split part, batch row) sums its part of the tile's pairs over
      the tile's 512 voxels; the parts are summed in JAX (few tiles, e.g. the 32³ TV patch: see split_factor).
+  2'-3'. Or, on grids of at most SCATTER_MAX_VOXELS voxels (the default `forward="auto"`; `forward=` selects):
+     `voxel_scatter_kernel`, one program per (Gaussian, batch row), adds the Gaussian over its voxel box (step
+     4's box) into the zeroed volume with atomics; no binning.
   4. Backward (`jax.custom_vjp`): `voxel_bwd_kernel` gathers, one program per (Gaussian, batch row), the
      cotangent over the Gaussian's voxel box (`_voxel_boxes`: the threshold box of step 1 inside its tile box
      and the grid) and writes its ten moments with plain stores (no binning, no atomics, deterministic; cost ~
@@ -49,12 +52,25 @@ NUM_WARPS_BWD = 1
 PAIRS_PER_GAUSSIAN = 32  # default pair buffer: this many 8³ tiles per Gaussian (beyond: exact slow fallback)
 
 
+# Forward algorithms: "tiles" (binning + one program per 8³ tile, cost ~ pairs × 512 voxel evaluations) and
+# "scatter" (one program per Gaussian adding its voxel box with atomics: no binning, 3 fewer kernels, cost ~ box
+# voxels + one atomic per kept voxel). "auto" picks scatter up to SCATTER_MAX_VOXELS grid voxels. Measured on an
+# H200 (bench/render.py --backends triton:tiles,triton:scatter --only voxelize, BENCHMARKS.md), tiles / scatter
+# forward ms: 64³ 50k 0.235 / 0.184, 128³ 200k 0.938 / 0.661, 256³ 50k 0.810 / 0.978, 256³ 200k 2.390 / 2.735:
+# on 256³ grids the boxes are long (up to ~6·10⁴ voxels) and the atomics cost more than the tile sums.
+FORWARD_MODES = ("auto", "tiles", "scatter")
+SCATTER_MAX_VOXELS = 128 ** 3
+BLOCK_V_SCATTER = 64  # the gather backward's walk (BLOCK_V_BWD), one warp per Gaussian
+NUM_WARPS_SCATTER = 1
+
+
 class _Static(NamedTuple):
     n: tuple  # (nx, ny, nz)
     culling: str
     mean_grad: str
     capacity: int
     poison: bool
+    forward: str  # "tiles" or "scatter"
 
 
 def _tiles(n: tuple) -> tuple:
@@ -79,6 +95,21 @@ def _render_op(st: _Static, c: int):
                         T=n_tiles, GY=gb, GZ=gc, NX=st.n[0], NY=st.n[1], NZ=st.n[2],
                         BLOCK_G=BLOCK_G, SUB=SUB, INTERP=not on_gpu())
         return jnp.sum(vol, axis=1)  # the split parts, in a fixed order
+
+    return merge_batch(run)
+
+
+def _scatter_op(st: _Static, c: int):
+    """(params [B,C,12], vbox [B,C,8]) → volume [B,nx,ny,nz]: one program per (Gaussian, batch row) adds its
+    voxel box atomically into the zeroed volume."""
+    from kernels import voxel_kernels as vk  # lazy: imports triton
+
+    def run(params, vbox):
+        b = params.shape[0]
+        (vol,) = launch(vk.voxel_scatter_kernel, (c, b), [jax.ShapeDtypeStruct((b,) + st.n, jnp.float32)],
+                        params, vbox, scalars=(c,), zeroed=(0,), num_warps=NUM_WARPS_SCATTER, NX=st.n[0],
+                        NY=st.n[1], NZ=st.n[2], BLOCK_V=BLOCK_V_SCATTER, INTERP=not on_gpu())
+        return vol
 
     return merge_batch(run)
 
@@ -136,12 +167,14 @@ def _voxel_boxes(s: vr.Setup) -> jax.Array:
 def _forward(st: _Static, means, scales, rotations, densities, size, center):
     c = means.shape[0]
     s, params, box = _setup(st, means, scales, rotations, densities, size, center)
-    params, box = params[None], box[None]
-    tstart, gids = bin_tiles(box, tile_grid=_tiles(st.n), capacity=st.capacity)
-    vol = _render_op(st, c)(params, box, tstart, gids)
-    # The backward's voxel boxes (a forward-only call drops them).
-    vbox = _voxel_boxes(s)
-    return vol[0], (s, params, vbox[None])
+    params = params[None]
+    vbox = _voxel_boxes(s)[None]  # the scatter forward's and the backward's boxes
+    if st.forward == "scatter":
+        vol = _scatter_op(st, c)(params, vbox)
+    else:
+        tstart, gids = bin_tiles(box[None], tile_grid=_tiles(st.n), capacity=st.capacity)
+        vol = _render_op(st, c)(params, box[None], tstart, gids)
+    return vol[0], (s, params, vbox)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -183,7 +216,8 @@ _voxelize.defvjp(_voxelize_fwd, _voxelize_bwd)
 
 # ------------------------------------------------------------------------------------------- public
 def voxelize_points(means, scales, rotations, densities, grid, *, culling: str = "extent", mean_grad: str = "true",
-                    pair_capacity: Optional[int] = None, debug_poison: bool = False) -> jax.Array:
+                    pair_capacity: Optional[int] = None, debug_poison: bool = False,
+                    forward: str = "auto") -> jax.Array:
     """Voxelize activated Gaussians with the Triton kernels; same contract as `x2gs_jax.render.voxelize_points`.
 
     Args:
@@ -192,7 +226,10 @@ def voxelize_points(means, scales, rotations, densities, grid, *, culling: str =
       culling: "extent" ([R2]) or "center" ([X2]); mean_grad: "true" or "reference_h2" (§7.4 bug).
       pair_capacity: (Gaussian, 8³ tile) slots (default 32 per Gaussian); only the speed depends on it: tiles
         whose pairs do not fit test every Gaussian instead (exact, slow).
-      debug_poison: start the volume buffer as NaN (tests: every voxel must be written).
+      debug_poison: start the volume buffer as NaN (tests: every voxel must be written; tile forward only, the
+        scatter forward starts from a zeroed buffer).
+      forward: "tiles", "scatter" or "auto" (scatter for grids of at most SCATTER_MAX_VOXELS voxels); see
+        FORWARD_MODES. Both give the reference's values; scatter's summation order is not fixed.
     Returns:
       volume [nx, ny, nz] float32; differentiable w.r.t. the four Gaussian inputs (grid: zero cotangent).
     """
@@ -200,6 +237,8 @@ def voxelize_points(means, scales, rotations, densities, grid, *, culling: str =
         raise ValueError(f"voxelize_points: culling must be one of {CULLING_MODES}, got {culling!r}")
     if mean_grad not in MEAN_GRAD_MODES:
         raise ValueError(f"voxelize_points: mean_grad must be one of {MEAN_GRAD_MODES}, got {mean_grad!r}")
+    if forward not in FORWARD_MODES:
+        raise ValueError(f"voxelize_points: forward must be one of {FORWARD_MODES}, got {forward!r}")
     means = jnp.asarray(means, jnp.float32)
     if means.ndim != 2 or means.shape[1] != 3:
         raise ValueError(f"voxelize_points: means must have shape [C, 3], got {means.shape}")
@@ -211,7 +250,9 @@ def voxelize_points(means, scales, rotations, densities, grid, *, culling: str =
     n_tiles = ga * gb * gc
     capacity = (default_capacity(c, n_tiles, PAIRS_PER_GAUSSIAN) if pair_capacity is None
                 else int(pair_capacity))
-    st = _Static(n, culling, mean_grad, capacity, bool(debug_poison))
+    if forward == "auto":
+        forward = "scatter" if n[0] * n[1] * n[2] <= SCATTER_MAX_VOXELS else "tiles"
+    st = _Static(n, culling, mean_grad, capacity, bool(debug_poison), forward)
     return _voxelize(st, means, jnp.asarray(scales, jnp.float32), jnp.asarray(rotations, jnp.float32),
                      jnp.asarray(densities, jnp.float32), jnp.asarray(grid.size, jnp.float32),
                      jnp.asarray(grid.center, jnp.float32))

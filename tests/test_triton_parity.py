@@ -232,22 +232,24 @@ def _check_voxel(seed, n, grid, culling, mean_grad, smin, smax, **kw):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("forward", ["tiles", "scatter"])
 @pytest.mark.parametrize("culling,mean_grad", [("extent", "true"), ("center", "reference_h2")])
 @pytest.mark.parametrize("n,shape,smin,smax", [(500, (20, 24, 17), 0.02, 0.15), (20000, (64, 64, 64), 0.004, 0.03),
                                                (30000, (100, 72, 128), 0.004, 0.03)])
-def test_voxel_parity(culling, mean_grad, n, shape, smin, smax):
+def test_voxel_parity(forward, culling, mean_grad, n, shape, smin, smax):
     grid = Grid(n=shape, size=(2.0, 2.0 * shape[1] / shape[0], 1.8), center=(0.02, -0.03, 0.01))
-    _check_voxel(_fresh_seed(), n, grid, culling, mean_grad, smin, smax)
+    _check_voxel(_fresh_seed(), n, grid, culling, mean_grad, smin, smax, forward=forward)
 
 
 @pytest.mark.gpu
 def test_voxel_parity_overflow_fallback():
     grid = Grid(n=(32, 32, 32), size=(2.0, 2.0, 2.0), center=(0.0, 0.0, 0.0))
-    _check_voxel(_fresh_seed(), 4000, grid, "extent", "true", 0.01, 0.08, pair_capacity=160)
+    _check_voxel(_fresh_seed(), 4000, grid, "extent", "true", 0.01, 0.08, pair_capacity=160, forward="tiles")
 
 
 @pytest.mark.gpu
-def test_voxel_vmap_states():
+@pytest.mark.parametrize("forward", ["tiles", "scatter"])
+def test_voxel_vmap_states(forward):
     from kernels.voxelize import voxelize_points
 
     seed = _fresh_seed()
@@ -264,7 +266,7 @@ def test_voxel_vmap_states():
             return jnp.sum(weights * vols), vols
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(states, dens)
 
-    (_, v_t), g_t = run(voxelize_points)
+    (_, v_t), g_t = run(lambda *a: voxelize_points(*a, forward=forward))
     (_, v_r), g_r = run(lambda *a: voxelize_dispatch(*a, backend="reference"))
     assert _rel(v_t, v_r) <= IMG_TOL, f"seed {seed}"
     for a, b in zip(g_t, g_r):
@@ -348,10 +350,11 @@ def test_kernels_in_interpreter_cpu(split, monkeypatch):
         f = lambda *a: (lambda v: (jnp.sum(wv * v), v))(fn(*a))  # noqa: E731
         return jax.jit(jax.value_and_grad(f, argnums=range(4), has_aux=True))(m, s, q, d)
 
-    _, _, box = kv._setup(kv._Static(grid.n, "extent", "true", 1, False), jnp.asarray(m), jnp.asarray(s),
+    _, _, box = kv._setup(kv._Static(grid.n, "extent", "true", 1, False, "tiles"), jnp.asarray(m), jnp.asarray(s),
                           jnp.asarray(q), jnp.asarray(d), grid.size, grid.center)
     half = max(int(jnp.sum(jnp.prod(box[:, 3:6] - box[:, 0:3], axis=-1))) // 2, 1)
-    (_, v_t), gv_t = vox(lambda *a: voxelize_points(*a, grid, pair_capacity=half, debug_poison=True), m, s, q, d, wv)
+    (_, v_t), gv_t = vox(lambda *a: voxelize_points(*a, grid, pair_capacity=half, debug_poison=True, forward="tiles"),
+                         m, s, q, d, wv)
     (_, v_r), gv_r = _in_float64(lambda *a: vox(lambda *b: voxelize_dispatch(*b, grid, backend="reference"), *a),
                                  m, s, q, d, wv)
     assert not np.isnan(np.asarray(v_t)).any() and _rel(v_t, v_r) <= IMG_TOL, f"seed {seed}"
@@ -411,12 +414,14 @@ def _brute_moments(params, tile_box, cot):
 @pytest.mark.skipif(not _interpreter_available(), reason="needs triton (interpreter) on a CPU backend")
 @pytest.mark.parametrize("culling,mean_grad", [("extent", "true"), ("center", "reference_h2")])  # each mode once
 def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatch):
-    """The per-Gaussian gather backward in Triton's interpreter on boxes crossing tile and grid borders:
-    (1) its voxel boxes lie in the forward's tile boxes and the grid, and its moments equal a brute-force sum
-    over the whole tile boxes (the forward's membership: voxels outside its box contribute nothing), for the
-    default vector and others (a step shorter than a z row, longer than a box);
-    (2) values and gradients (means, scales, rotations, densities) equal the reference path's, unbatched and
-    under vmap over two Gaussian states (merge_batch)."""
+    """The per-Gaussian box kernels (scatter forward, gather backward) in Triton's interpreter on boxes crossing
+    tile and grid borders:
+    (1) the voxel boxes lie in the tile forward's tile boxes and the grid, and the backward's moments equal a
+    brute-force sum over the whole tile boxes (the tile forward's membership: voxels outside its box contribute
+    nothing), for the default vector and others (a step shorter than a z row, longer than a box);
+    (2) the scatter forward's values and the gradients (means, scales, rotations, densities) equal the reference
+    path's, unbatched and under vmap over two Gaussian states (merge_batch); the scatter forward also with a
+    step shorter than a z row."""
     from kernels import voxelize as kv
 
     seed = _fresh_seed()
@@ -427,7 +432,7 @@ def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatc
     opts = dict(culling=culling, mean_grad=mean_grad)
 
     # (1) Boxes and moments.
-    st = kv._Static(grid.n, culling, mean_grad, 1, False)
+    st = kv._Static(grid.n, culling, mean_grad, 1, False, "scatter")
     sz, ct = jnp.asarray(grid.size, jnp.float32), jnp.asarray(grid.center, jnp.float32)
     setup, params, tile_box = kv._setup(st, *args, sz, ct)
     vbox = np.asarray(kv._voxel_boxes(setup))
@@ -460,10 +465,14 @@ def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatc
         f = lambda *a: (lambda v: (jnp.sum(wv * v), v))(fn(*a, grid, **opts))  # noqa: E731
         return jax.jit(jax.value_and_grad(f, argnums=range(4), has_aux=True))(*args)
 
-    (_, v_t), g_t = vox(lambda *a, **k: kv.voxelize_points(*a, debug_poison=True, **k), wv, *args)
+    (_, v_t), g_t = vox(lambda *a, **k: kv.voxelize_points(*a, forward="scatter", **k), wv, *args)
     (_, v_r), g_r = _in_float64(lambda *x: vox(lambda *a, **k: voxelize_dispatch(*a, backend="reference", **k), *x),
                                 wv, *args)
     assert not np.isnan(np.asarray(v_t)).any() and _rel(v_t, v_r) <= IMG_TOL, f"seed {seed}"
+    monkeypatch.setattr(kv, "BLOCK_V_SCATTER", 8)
+    v_short = kv.voxelize_points(*args, grid, forward="scatter", **opts)
+    assert _rel(v_short, v_r) <= IMG_TOL, f"seed {seed}: scatter with 8-voxel steps {_rel(v_short, v_r):.2e}"
+    monkeypatch.undo()
     for name, a, b in zip(("xyz", "scale", "rotation", "density"), g_t, g_r):
         assert np.isfinite(np.asarray(a)).all(), f"seed {seed}: non-finite {name} gradient"
         assert _rel(a, b) <= GRAD_TOL, f"seed {seed}: {name} gradient rel L2 {_rel(a, b):.2e}"
@@ -480,5 +489,10 @@ def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatc
 
     inputs = (states, dens, args[1], args[2], wb)
     reference = lambda *a, **k: voxelize_dispatch(*a, backend="reference", **k)  # noqa: E731
-    for a, b in zip(batched(kv.voxelize_points, *inputs), _in_float64(lambda *x: batched(reference, *x), *inputs)):
+    scatter = lambda *a, **k: kv.voxelize_points(*a, forward="scatter", **k)  # noqa: E731
+    for a, b in zip(batched(scatter, *inputs), _in_float64(lambda *x: batched(reference, *x), *inputs)):
         assert _rel(a, b) <= GRAD_TOL, f"seed {seed}: batched gradient rel L2 {_rel(a, b):.2e}"
+    vols = jax.jit(jax.vmap(lambda a, b: scatter(a, args[1], args[2], b, grid, **opts)))(states, dens)
+    for k in range(2):  # each batch row lands in its own volume
+        want = reference(states[k], args[1], args[2], dens[k], grid, **opts)
+        assert _rel(vols[k], want) <= IMG_TOL, f"seed {seed}: batched scatter volume {k}"
