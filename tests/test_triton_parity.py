@@ -293,6 +293,16 @@ def test_upstream_voxel_case(upstream_cases):
         assert _rel(g, c[f"vox_grad_{name}"]) <= GRAD_TOL, f"{name}: {_rel(g, c[f'vox_grad_{name}']):.2e}"
 
 
+def test_voxel_forward_mode_validated():
+    """A bad `forward` names the accepted modes (checked before any kernel is built: runs everywhere)."""
+    from kernels.voxelize import voxelize_points
+
+    m, s, q, d = _scene(np.random.default_rng(0), 4, smin=0.05, smax=0.1, n_inactive=0)
+    grid = Grid(n=(8, 8, 8), size=(2.0, 2.0, 2.0), center=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"forward must be one of .*'scatter'.* got 'atomic'"):
+        voxelize_points(m, s, q, d, grid, forward="atomic")
+
+
 # ------------------------------------------------------------------------------------------- CPU (interpreter)
 def _interpreter_available() -> bool:
     import importlib.util
