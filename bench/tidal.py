@@ -47,7 +47,8 @@ def run_from_config(spec: str, cache: str) -> eval_lib.Run:
     points = train_lib.initial_points(case_path, case, config)
     state = train_lib.init_state(config, case, points, model)
     return eval_lib.Run(workdir="", config=config, case=case, case_path=case_path, model=model,
-                        params=jax.device_get(state.params), active=np.asarray(state.active),
+                        params=jax.device_get(state.params), model_state=jax.device_get(state.model_state),
+                        active=np.asarray(state.active),
                         scale_bound=state.scale_bound, step=int(config.train.iterations), source="init")
 
 

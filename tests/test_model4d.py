@@ -9,7 +9,7 @@ import pytest
 from x2gs_jax.fields import DeformationConfig
 from x2gs_jax.geometry import Scanner
 from x2gs_jax.gaussians import Gaussians
-from x2gs_jax.model4d import X2Model, X2Settings
+from x2gs_jax.models.x2 import X2Model, X2Settings
 from x2gs_jax.render import rasterize
 from x2gs_jax.train_state import gaussians_from_params, params_from_gaussians
 
@@ -50,13 +50,13 @@ def _loss(model, params, active, batch, it, joint):
     canonical = gaussians_from_params(params, active, None)
     key = jax.random.PRNGKey(3)
     if joint:
-        deformed, cache = model.view_gaussians(params, canonical, batch["time"], key, it, _Settings)
+        deformed, cache = model.view_gaussians(params, {}, canonical, batch["time"], key, it, _Settings)
     else:
-        deformed = jax.vmap(lambda t: model.gaussians_at(params, canonical, t, key, _Settings)[0])(batch["time"])
+        deformed = jax.vmap(lambda t: model.gaussians_at(params, {}, canonical, t, key, "fine"))(batch["time"])
         cache = None
     main = jnp.mean(jax.vmap(lambda g, c, im: jnp.mean(jnp.abs(_render(g, c) - im)))(
         deformed, batch["camera"], batch["image"]))
-    extra, terms = model.extra_losses(params, active, batch, key, it, _Settings, _render, cache)
+    extra, terms = model.extra_losses(params, {}, active, batch, key, it, _Settings, _render, cache)
     return main + extra, terms
 
 

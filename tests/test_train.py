@@ -34,8 +34,9 @@ def tiny(tmp_path_factory):
 
 def _jitted_step(config, case, state, stage="coarse"):
     settings = train_lib.step_settings(config, case.scanner, stage, None)
-    opt = train_lib.build_optimizer(config, state.params)
-    return jax.jit(make_train_step(train_lib.StaticModel(), settings, opt))
+    model = train_lib.StaticModel()
+    opt = train_lib.build_optimizer(config, state.params, model)
+    return jax.jit(make_train_step(model, settings, opt))
 
 
 def test_one_real_training_step(tiny):

@@ -58,14 +58,14 @@ def _setup(config, tmp_path, stage, start_step):
 def _steps(config, case, model, state, stage, backend):
     config.render.backend = backend
     settings = train_lib.step_settings(config, case.scanner, stage, 1 << 16)
-    opt = train_lib.build_optimizer(config, state.params)
+    opt = train_lib.build_optimizer(config, state.params, model)
     step = make_train_step(model, settings, opt)
     return jax.jit(step), jax.jit(make_multi_step(step))
 
 
-def _first_step_grads(new_state) -> list:
+def _first_step_grads(new_state, model) -> list:
     """Every parameter leaf's gradient of a first optimiser step: Adam's first moment is (1 − b1)·g."""
-    labels = jax.tree.leaves(param_labels(new_state.params))
+    labels = jax.tree.leaves(param_labels(new_state.params, model))
     out = []
     for i, label in enumerate(labels):
         mu = group_state(new_state.opt_state, label).mu
@@ -88,7 +88,7 @@ def _compare(config, case, model, state, data, stage, views):
         if k.startswith("loss"):
             assert abs(float(mt[k]) - float(v)) <= 1e-5 * abs(float(v)) + 1e-7, (k, float(mt[k]), float(v))
     old = jax.device_get(state.params)
-    gt, gr = _first_step_grads(nt), _first_step_grads(nr)
+    gt, gr = _first_step_grads(nt, model), _first_step_grads(nr, model)
     for (path, a), b, o, ga, gb in zip(jax.tree_util.tree_leaves_with_path(nt.params), jax.tree.leaves(nr.params),
                                        jax.tree.leaves(old), gt, gr):
         name = jax.tree_util.keystr(path)

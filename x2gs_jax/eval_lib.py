@@ -30,8 +30,13 @@ from tqdm import tqdm
 from x2gs_jax import evaluation as E
 from x2gs_jax import tidal
 from x2gs_jax.data.naf import Case, load_case
+from x2gs_jax.data.prepare import initial_points, resolve_case_path
+from x2gs_jax.export import ExportError, load_export
 from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, nifti_frame_mm, write_nifti
+from x2gs_jax.models import make_model
 from x2gs_jax.render import voxelize
+from x2gs_jax.run_state import template_state
+from x2gs_jax.train_state import gaussians_from_params
 
 
 class RunError(FileNotFoundError):
@@ -44,7 +49,8 @@ class MismatchError(ValueError):
 
 @dataclasses.dataclass
 class Run:
-    """A trained model ready to query. params: the raw parameter dict (Gaussians, field, period)."""
+    """A trained model ready to query. params: the raw parameter dict (Gaussians + the model's own keys);
+    model_state: the model's non-trained state (e.g. PhysX anchors and binding)."""
 
     workdir: str
     config: ml_collections.ConfigDict
@@ -52,6 +58,7 @@ class Run:
     case_path: str
     model: Any
     params: dict
+    model_state: dict
     active: np.ndarray
     scale_bound: Optional[tuple]
     step: int
@@ -59,7 +66,7 @@ class Run:
 
     @property
     def is_4d(self) -> bool:
-        return self.case.is_4d and "field" in self.params
+        return self.case.is_4d and self.model.is_4d
 
     @property
     def stage(self) -> str:
@@ -68,18 +75,22 @@ class Run:
 
     @property
     def period_s(self) -> Optional[float]:
-        return float(np.exp(np.asarray(self.params["period"], np.float64))) if "period" in self.params else None
+        """The learned breathing period (s), for models that have one."""
+        if not self.model.has_period:
+            return None
+        return float(np.exp(np.asarray(self.params["period"], np.float64)))
 
-    def gaussians_at(self, params: dict, t) -> Any:
-        """The model's Gaussians at normalised time t (traceable; params passed in rather than closed over
-        so that compiled functions take them as arguments instead of embedding them as constants)."""
-        from x2gs_jax import train_lib
-        from x2gs_jax.train_state import gaussians_from_params
+    @property
+    def query_params(self) -> tuple:
+        """(params, model_state): the arguments of `gaussians_at` (device arrays)."""
+        return jax.tree.map(jnp.asarray, (self.params, self.model_state))
 
-        settings = train_lib.step_settings(self.config, self.case.scanner, self.stage, None)
+    def gaussians_at(self, inputs: tuple, t) -> Any:
+        """The model's Gaussians at normalised time t; inputs = `query_params` (traceable; passed in rather than
+        closed over so that compiled functions take them as arguments instead of embedding them as constants)."""
+        params, model_state = inputs
         canonical = gaussians_from_params(params, self.active, self.scale_bound)
-        g, _ = self.model.gaussians_at(params, canonical, t, jax.random.PRNGKey(0), settings)
-        return g
+        return self.model.gaussians_at(params, model_state, canonical, t, jax.random.PRNGKey(0), self.stage)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -110,11 +121,10 @@ def check_scanner(case: Case, case_path: str, naf_mm: dict, run_file: str) -> No
                             + "; ".join(diffs))
 
 
-def _check_case_shape(case: Case, case_path: str, config, run_file: str) -> None:
-    kind = config.model.kind
-    if (kind != "static") != case.is_4d:
+def _check_case_shape(case: Case, case_path: str, model, run_file: str) -> None:
+    if model.is_4d != case.is_4d:
         raise MismatchError(f"the case {case_path!r} is {'4D' if case.is_4d else '3D'} but the run ({run_file}) is a "
-                            f"{'static' if kind == 'static' else '4D'} model")
+                            f"{'4D' if model.is_4d else 'static'} model ({model.kind})")
 
 
 def load_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None) -> Run:
@@ -123,79 +133,52 @@ def load_run(workdir: str, data: Optional[str] = None, step: Optional[int] = Non
     data: a case pickle overriding the config's data.path / embedded phantom.
     Raises RunError (missing run/export/checkpoint) or MismatchError (data of another geometry).
     """
-    from x2gs_jax import train_lib
-
     config = load_config(workdir)
     if data:
         if not os.path.exists(data):
             raise FileNotFoundError(f"--data: no such file {data!r}")
         config.data.path = data
-    case_path = train_lib.resolve_case_path(config)
+    case_path = resolve_case_path(config)
     case = load_case(case_path)
     export = os.path.join(workdir, "export")
     meta_path = os.path.join(export, "meta.json")
-    _check_case_shape(case, case_path, config, os.path.join(workdir, "config.json"))
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        check_scanner(case, case_path, meta["scanner"], meta_path)
-    elif step is None:
-        raise RunError(f"{meta_path}: no inference export (the run did not finish?); pass --step=-1 to evaluate "
-                       f"its latest checkpoint in {os.path.join(workdir, 'checkpoints')}")
     try:
-        model = train_lib.make_model(config, case)
+        model = make_model(config, case)
     except ValueError as err:
         raise MismatchError(f"the case {case_path!r} does not fit the run {workdir!r}: {err}") from err
-    if step is None:
-        params, active, scale_bound, n = _load_export(export, meta, model, case)
-        return Run(workdir, config, case, case_path, model, params, active, scale_bound, n, "export")
-    return _load_checkpoint(workdir, config, case, case_path, model, None if step < 0 else int(step))
-
-
-def _load_export(export: str, meta: dict, model, case: Case):
-    path = os.path.join(export, "gaussians.npz")
-    if not os.path.exists(path):
-        raise RunError(f"{path}: missing")
-    with np.load(path) as z:
-        flat = {k: z[k] for k in z.files}
-    need = ["xyz", "scaling", "rotation", "density", "active"]
-    missing = [k for k in need if k not in flat]
-    if missing:
-        raise RunError(f"{path}: keys {missing} missing (expected {need} [+ period])")
-    params = {k: jnp.asarray(flat[k]) for k in need[:4]}
-    if "period" in flat:
-        params["period"] = jnp.asarray(flat["period"])
-    field_dir = os.path.abspath(os.path.join(export, "field"))
-    if hasattr(model, "init_params"):
-        if not os.path.isdir(field_dir):
-            raise RunError(f"{field_dir}: the 4D run's deformation field export is missing")
-        import orbax.checkpoint as ocp
-
-        template = model.init_params(jax.random.PRNGKey(0), case)["field"]
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        with ocp.StandardCheckpointer() as ckptr:
-            params["field"] = ckptr.restore(field_dir, abstract)
+    _check_case_shape(case, case_path, model, os.path.join(workdir, "config.json"))
+    if step is not None:
+        return _load_checkpoint(workdir, config, case, case_path, model, None if step < 0 else int(step))
+    if not os.path.exists(meta_path):
+        raise RunError(f"{meta_path}: no inference export (the run did not finish?); pass --step=-1 to evaluate "
+                       f"its latest checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    with open(meta_path) as f:
+        check_scanner(case, case_path, json.load(f)["scanner"], meta_path)
+    try:
+        params, model_state, active, meta = load_export(export, model, case)
+    except ExportError as err:
+        raise RunError(str(err)) from err
     sb = meta.get("scale_bound")
-    return params, np.asarray(flat["active"]), (tuple(sb) if sb else None), int(meta.get("step", 0))
+    return Run(workdir, config, case, case_path, model, params, model_state, active, tuple(sb) if sb else None,
+               int(meta.get("step", 0)), "export")
 
 
 def _load_checkpoint(workdir, config, case, case_path, model, step) -> Run:
-    from x2gs_jax import train_lib
     from x2gs_jax.checkpoint import Checkpointer
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise RunError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoints")
-    points = train_lib.initial_points(case_path, case, config)
+    points = initial_points(case_path, case, config)
     ckpt = Checkpointer(workdir)
     try:
-        state, meta = ckpt.restore(lambda m: train_lib.template_state(config, case, points, model, m), step)
+        state, meta = ckpt.restore(lambda m: template_state(config, case, points, model, m), step)
     except FileNotFoundError as err:
         raise RunError(str(err)) from err
     finally:
         ckpt.close()
     n = int(state.step)
-    return Run(workdir, config, case, case_path, model, dict(state.params), np.asarray(state.active),
-               state.scale_bound, n, f"checkpoint {n}")
+    return Run(workdir, config, case, case_path, model, dict(state.params), dict(state.model_state),
+               np.asarray(state.active), state.scale_bound, n, f"checkpoint {n}")
 
 
 # -------------------------------------------------------------------------------- time-batched maps
@@ -246,7 +229,7 @@ def reconstruction_metrics(run: Run, chunk: int = 4, progress: bool = True,
     """(report, predicted volumes [P, nx, ny, nz]): PSNR/SSIM 3D per phase and mean, 2D on val views."""
     times = phase_times(run)
     batched = batched or volume_batched(run)
-    vols = map_times(batched, run.params, times, chunk, desc="phase volumes", progress=progress)
+    vols = map_times(batched, run.query_params, times, chunk, desc="phase volumes", progress=progress)
     report = E.volume_report(run.case.volumes, vols if run.case.is_4d else vols[0])
     report["phase_times"] = [float(t) for t in times]
     n_val = min(len(run.case.val), int(run.config.eval.max_val_views))
@@ -286,7 +269,7 @@ def cycle_metrics(run: Run, cycles: Sequence[int], chunk: int = 8, progress: boo
         if int(c) < 0 or times.max() >= 1.0:
             raise ValueError(f"cycles: cycle {c} is outside the scan (its phase times must lie in [0, 1), got up "
                              f"to {times.max():.4f})")
-        vols = map_times(batched, run.params, times, chunk, desc=f"cycle {c} volumes", progress=progress)
+        vols = map_times(batched, run.query_params, times, chunk, desc=f"cycle {c} volumes", progress=progress)
         gt = np.stack([phantom.volume_at(float(t), run.case.scanner, supersample=supersample) for t in times])
         r = E.volume_report(gt, vols)
         out["cycles"].append(int(c))
@@ -301,7 +284,7 @@ def render_val(run: Run, n: int) -> tuple[np.ndarray, np.ndarray]:
     cams = jax.vmap(sc.camera)(jnp.asarray(run.case.val.angles[:n], jnp.float32))
     vt = run.case.val.times[:n] if run.case.val.times is not None else np.zeros(n)
     pred = E.render_views(run.gaussians_at, cams, vt, backend=run.config.render.backend,
-                          params=jax.tree.map(jnp.asarray, run.params))
+                          params=run.query_params)
     return pred, run.case.val.projections[:n] * sc.scene_scale
 
 
@@ -343,7 +326,7 @@ def tidal_curve(run: Run, n_points: int = 600, lung_threshold: float = tidal.LUN
     """Lung volume on `n_points` uniform times over the whole scan, its period and (phantom) GT agreement."""
     scan_s = float(run.config.data.scan_s)
     times = np.arange(n_points) / n_points  # normalised, [0, 1)
-    ml = map_times(lung_ml_batched(run, lung_threshold, erode_voxels), run.params, times, chunk,
+    ml = map_times(lung_ml_batched(run, lung_threshold, erode_voxels), run.query_params, times, chunk,
                    desc="tidal curve", progress=progress)
     t_s = times * scan_s
     out = {"t_s": t_s, "lung_volume_ml": ml.astype(np.float64), "tidal_points": int(n_points),
@@ -376,7 +359,7 @@ def export_volumes(run: Run, times: Sequence[float], out_dir: str, chunk: int = 
     spacing, origin = nifti_frame_mm(run.case.scanner)
     os.makedirs(out_dir, exist_ok=True)
     times = list(times) if run.is_4d else [0.0]
-    vols = map_times(batched or volume_batched(run), run.params, times, chunk, desc="export")
+    vols = map_times(batched or volume_batched(run), run.query_params, times, chunk, desc="export")
     written = []
     for t, v in zip(times, vols):
         stem = os.path.join(out_dir, f"vol_t{float(t):.4f}" if run.is_4d else "volume")
@@ -411,8 +394,9 @@ def format_table(m: dict) -> str:
         lines.append(f"{'4D-FDK (phase-binned)':24s}{f('fdk4d_psnr_3d_mean', '{:.2f}'):>10s}{f('fdk4d_ssim_3d_mean'):>10s}")
     if "psnr_2d_val" in m:
         lines.append(f"2D val: PSNR {f('psnr_2d_val', '{:.2f}')}  SSIM {f('ssim_2d_val')}")
-    if m.get("period_learned_s") is not None:
-        lines.append(f"period: learned {f('period_learned_s')} s, GT {f('period_gt_s')} s, "
+    if m.get("period_gt_s") is not None:
+        lines.append("period: " + (f"learned {f('period_learned_s')} s, " if m.get("period_learned_s") else "")
+                     + f"GT {f('period_gt_s')} s, "
                      + (f"mean cycle of the scan {f('period_mean_cycle_s')} s, " if "period_mean_cycle_s" in m else "")
                      + f"tidal-curve {f('tidal_period_s')} s")
     for c, pv, sv in zip(m.get("cycles", ()), m.get("psnr_3d_by_cycle", ()), m.get("ssim_3d_by_cycle", ())):
@@ -442,14 +426,16 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
     if run.is_4d:
         gen = run.case.meta.get("generator") if isinstance(run.case.meta, dict) else None
         gt_period = float(gen["period_s"]) if isinstance(gen, dict) and "period_s" in gen else float(run.config.eval.cycle_s)
-        m.update(period_learned_s=run.period_s, period_gt_s=gt_period,
-                 period_rel_error=abs(run.period_s - gt_period) / gt_period)
+        m["period_gt_s"] = gt_period
+        if run.period_s is not None:  # models with a learned period (X2)
+            m.update(period_learned_s=run.period_s, period_rel_error=abs(run.period_s - gt_period) / gt_period)
         breathing = tidal.phantom_breathing_from_meta(run.case.meta)
         if breathing is not None and breathing.kind == "irregular":
             # Irregular cycles: the nominal period is not the mean cycle length of this scan; report both.
             mean_cycle = breathing.mean_cycle_s(breathing.scan_s)
-            m.update(period_mean_cycle_s=mean_cycle,
-                     period_mean_cycle_rel_error=abs(run.period_s - mean_cycle) / mean_cycle)
+            m["period_mean_cycle_s"] = mean_cycle
+            if run.period_s is not None:
+                m["period_mean_cycle_rel_error"] = abs(run.period_s - mean_cycle) / mean_cycle
     if cycles:
         m.update(cycle_metrics(run, cycles, chunk, progress, batched))
     if baselines:
@@ -474,7 +460,7 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
         if run.is_4d:
             cycle = run.period_s if run.period_s and run.period_s > 0 else float(run.config.eval.cycle_s)
             ts = np.arange(gif_frames) / gif_frames * cycle
-            frames = map_times(batched, run.params, ts / float(run.config.data.scan_s), chunk, desc="gif frames",
+            frames = map_times(batched, run.query_params, ts / float(run.config.data.scan_s), chunk, desc="gif frames",
                                progress=progress)
             viz.save_breathing_gif(os.path.join(out_dir, "breathing.gif"), frames, ts)
         if curve is not None:

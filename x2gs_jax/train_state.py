@@ -2,10 +2,10 @@
 
 `TrainState.params` is a flat dict of raw parameters:
   "xyz" [C,3], "scaling" [C,3], "rotation" [C,4], "density" [C]   canonical Gaussians (fixed capacity C)
-  "field" (pytree)                                                  deformation parameters (4D models only)
-  "period" []                                                       tau, breathing period T = exp(tau) s (4D)
-The Gaussians' `active` mask, the densification statistics, the optimiser state, the completed-iteration
-counter and the base PRNG key complete the state; nothing that affects training lives outside it.
+  + the deformation model's own keys (x2gs_jax/models), e.g. "field" and "period" (X2), "anchor_net" (PhysX)
+The Gaussians' `active` mask, the densification statistics, the optimiser state, the model's non-trained state
+(`model_state`, e.g. PhysX's anchors and KNN binding), the completed-iteration counter and the base PRNG key
+complete the state; nothing that affects training lives outside it.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class TrainState:
     active: jax.Array  # [C] bool
     opt_state: Any
     stats: DensifyStats
+    model_state: dict  # the model's non-trained state (flat dict of arrays; {} for static / X2)
     key: jax.Array  # base PRNG key; per-iteration keys are fold_in(key, iteration)
     scale_bound: Any = struct.field(pytree_node=False, default=None)
 
@@ -48,13 +49,12 @@ def params_from_gaussians(g: Gaussians) -> dict:
     return {"xyz": g.xyz, "scaling": g.scaling, "rotation": g.rotation, "density": g.density}
 
 
-def param_labels(params: Mapping[str, Any]) -> dict:
-    """Optimiser group label of every parameter leaf: one group per Gaussian attribute, "period",
-    and for the field its own top-level keys (e.g. "grid", "deformation")."""
-    labels = {}
-    for k, v in params.items():
-        if k == "field":
-            labels[k] = {name: jax.tree.map(lambda _, n=name: n, sub) for name, sub in v.items()}
-        else:
-            labels[k] = k
+def param_labels(params: Mapping[str, Any], model) -> dict:
+    """Optimiser group label of every parameter leaf: one group per Gaussian attribute, and the model's own
+    labels for its keys (`DeformationModel.param_labels`)."""
+    labels = {k: k for k in GAUSSIAN_KEYS}
+    labels.update(model.param_labels(params))
+    missing = set(params) - set(labels)
+    if missing:
+        raise KeyError(f"parameters {sorted(missing)} have no optimiser label (model {model.kind!r})")
     return labels

@@ -55,25 +55,6 @@ def is_densify_iteration(it, s: StepSettings):
     return densify_iteration(it, interval=s.densify_interval, start=s.densify_from, until=s.densify_until)
 
 
-class StaticModel:
-    """The coarse stage: canonical Gaussians rendered as they are; no extra parameters or losses."""
-
-    groups: tuple = ()
-
-    def gaussians_at(self, params, canonical, t, key, settings):
-        return canonical, {}
-
-    def view_gaussians(self, params, canonical, times, key, it, settings):
-        """(Gaussians [V] for the batch's views, cache passed on to extra_losses)."""
-        return jax.vmap(lambda t: canonical)(times), None
-
-    def extra_losses(self, params, active, batch, key, it, settings, render_fn, cache=None):
-        return jnp.zeros(()), {}
-
-    def gates(self, it, settings) -> dict:
-        return {}
-
-
 def _render_view(gaussians, camera, ndc_offset, settings: StepSettings):
     image, aux = rasterize(gaussians, camera, backend=settings.backend, ndc_offset=ndc_offset,
                            return_aux=True, max_pairs=settings.max_pairs)
@@ -81,15 +62,17 @@ def _render_view(gaussians, camera, ndc_offset, settings: StepSettings):
 
 
 def make_loss_fn(model, settings: StepSettings):
-    """loss(params, ndc_offsets, active, batch, key, it) -> (total, aux)."""
+    """loss(params, ndc_offsets, active, model_state, batch, key, it) -> (total, aux); `model` implements
+    x2gs_jax.models.DeformationModel."""
 
-    def loss_fn(params, ndc_offsets, active, batch, key, it):
+    def loss_fn(params, ndc_offsets, active, model_state, batch, key, it):
         canonical = gaussians_from_params(params, active, settings.scale_bound)
         key_deform, key_tv, key_extra = jax.random.split(key, 3)
 
         # The Gaussians at each view's time, deformed once: the renders, the TV patch and the model's extra
-        # losses (through `cache`, e.g. X2's periodic render) share them.
-        deformed, cache = model.view_gaussians(params, canonical, batch["time"], key_deform, it, settings)
+        # losses (through `cache`, e.g. X2's periodic render, PhysX's anchor displacements) share them.
+        deformed, cache = model.view_gaussians(params, model_state, canonical, batch["time"], key_deform, it,
+                                               settings)
 
         def one_view(g, camera, image_gt, ndc_offset):
             image, aux = _render_view(g, camera, ndc_offset, settings)
@@ -112,7 +95,7 @@ def make_loss_fn(model, settings: StepSettings):
             total = total + settings.lambda_tv * tv
             metrics["loss_tv"] = tv
 
-        extra, extra_terms = model.extra_losses(params, active, batch, key_extra, it, settings,
+        extra, extra_terms = model.extra_losses(params, model_state, active, batch, key_extra, it, settings,
                                                 lambda g, cam: _render_view(g, cam, None, settings)[0], cache)
         total = total + extra
         metrics.update(extra_terms)
@@ -136,7 +119,8 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         V = batch["image"].shape[0]
         ndc_offsets = jnp.zeros((V, state.capacity, 2), jnp.float32)
         (loss, (metrics, images, aux)), (grads, ndc_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(state.params, ndc_offsets, state.active, batch, key, it)
+            loss_fn, argnums=(0, 1), has_aux=True)(state.params, ndc_offsets, state.active, state.model_state, batch,
+                                                   key, it)
 
         densify_now = is_densify_iteration(it, settings)
         not_last = it != settings.stage_end

@@ -1,4 +1,4 @@
-"""The X2-Gaussian 4D model as seen by the training step (x2gaussian.md).
+"""The X2-Gaussian 4D model (x2gaussian.md), registered as `x2`.
 
 Coarse stage: the canonical Gaussians as they are (identical to the static model). Fine stage: every
 render at time t goes through the deformation `deform(params["field"], canonical, t, key)`; the model
@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2gs_jax import losses
-from x2gs_jax.evaluation import phase_mid_times
 from x2gs_jax.fields import (DeformationConfig, deform, init_deformation_params, init_tau, period_seconds,
                              shifted_time, spatial_planes, time_planes)
+from x2gs_jax.models.base import (DeformationModel, canonical_at_views, check_eval_phases, four_d_eval_times,
+                                  register)
+from x2gs_jax.train_state import gaussians_from_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +45,12 @@ class X2Settings:
     eval_phases: int = 10
 
 
-class X2Model:
+class X2Model(DeformationModel):
     """X2-Gaussian: HexPlane deformation + learnable breathing period (see module docstring)."""
+
+    kind = "x2"
+    is_4d = True
+    has_period = True
 
     def __init__(self, settings: X2Settings):
         self.s = settings
@@ -53,25 +59,30 @@ class X2Model:
     def init_params(self, key, case) -> dict:
         return {"field": init_deformation_params(key, self.s.field), "period": init_tau(self.s.period_init_s)}
 
+    def param_labels(self, params) -> dict:
+        """The field's top-level keys are its groups ("grid", "deformation"); tau is "period"."""
+        return {"field": {name: jax.tree.map(lambda _, n=name: n, sub) for name, sub in params["field"].items()},
+                "period": "period"}
+
     # -- geometry at time t
-    def gaussians_at(self, params, canonical, t, key, settings):
-        if settings.stage != "fine":
-            return canonical, {}
-        return deform(params["field"], canonical, t, key, self.s.field)
+    def gaussians_at(self, params, model_state, canonical, t, key, stage):
+        if stage != "fine":
+            return canonical
+        return deform(params["field"], canonical, t, key, self.s.field)[0]
 
     def _shift(self, params, times):
         """The periodic-consistency shift t -> t + kT of each view's time ([V])."""
         return shifted_time(times, params["period"], self.s.scan_s, self.s.shift_cycles)
 
     # -- the Gaussians of a batch of training views
-    def view_gaussians(self, params, canonical, times, key, it, settings):
+    def view_gaussians(self, params, model_state, canonical, times, key, it, settings):
         """(deformed Gaussians [V] at the views' times, cache for `extra_losses`).
 
         After `periodic_start` the field is evaluated at [t, t + kT] for each view in one vmap over the two
         times: the spatial-plane samples do not depend on time, so vmap computes them once and the backward
         scatters their gradient once (the spatial planes' scatter-adds dominate the fine step)."""
         if settings.stage != "fine":
-            return jax.vmap(lambda t: canonical)(times), None
+            return canonical_at_views(canonical, times), None
         field = params["field"]
         shift = self._shift(params, times)
         on = it > self.s.periodic_start
@@ -91,7 +102,7 @@ class X2Model:
         return pick(0), {"shifted": pick(1), "shift_valid": shift.valid, "periodic_on": on}
 
     # -- losses beyond render + TV
-    def extra_losses(self, params, active, batch, key, it, settings, render_fn: Callable, cache=None):
+    def extra_losses(self, params, model_state, active, batch, key, it, settings, render_fn: Callable, cache=None):
         if settings.stage != "fine":
             return jnp.zeros(()), {"period_s": period_seconds(params["period"])}
         grid = params["field"]["grid"]
@@ -100,7 +111,7 @@ class X2Model:
             time_smoothness_weight=self.s.time_smoothness_weight, l1_time_planes_weight=self.s.l1_time_planes_weight)
         metrics = {f"loss_{k}": v for k, v in terms.items()}
         if cache is None:  # called without view_gaussians: deform at the shifted times here
-            canonical = _canonical(params, active, settings)
+            canonical = gaussians_from_params(params, active, settings.scale_bound)
             shift = self._shift(params, batch["time"])
             shifted = jax.vmap(lambda ts: deform(params["field"], canonical, ts, key, self.s.field)[0])(shift.t_shifted)
             cache = {"shifted": shifted, "shift_valid": shift.valid, "periodic_on": it > self.s.periodic_start}
@@ -129,16 +140,11 @@ class X2Model:
 
     # -- evaluation convention
     def eval_times(self, case) -> np.ndarray:
-        return phase_mid_times(case.volumes.shape[0], self.s.eval_cycle_s, self.s.scan_s)
+        return four_d_eval_times(case, self.s.eval_cycle_s, self.s.scan_s)
 
 
-def _canonical(params, active, settings):
-    from x2gs_jax.train_state import gaussians_from_params
-
-    return gaussians_from_params(params, active, settings.scale_bound)
-
-
-def make_dynamic_model(config, case) -> X2Model:
+@register("x2")
+def make_x2(config, case) -> X2Model:
     m = config.model
     field = DeformationConfig.from_config(m.field.to_dict() if hasattr(m.field, "to_dict") else m.field)
     s = X2Settings(field=field, period_init_s=m.period_init_s, scan_s=config.data.scan_s,
@@ -147,6 +153,5 @@ def make_dynamic_model(config, case) -> X2Model:
                    plane_tv_weight=config.loss.plane_tv_weight, time_smoothness_weight=config.loss.time_smoothness_weight,
                    l1_time_planes_weight=config.loss.l1_time_planes_weight, eval_cycle_s=config.eval.cycle_s,
                    eval_phases=config.eval.n_phases)
-    if case.is_4d and case.volumes.shape[0] != s.eval_phases:
-        raise ValueError(f"config.eval.n_phases={s.eval_phases} but the case has {case.volumes.shape[0]} phase volumes")
+    check_eval_phases(config, case)
     return X2Model(s)
