@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The X2 end-to-end runs behind README "Measured results" and BENCHMARKS.md, one after the other (timings are
-# only comparable when nothing else uses the GPU): train.py, then eval.py, for each named case.
+# The X2 / PhysX end-to-end runs behind README "Measured results" and BENCHMARKS.md, one after the other (timings
+# are only comparable when nothing else uses the GPU): train.py, then eval.py, for each named case.
 #
-#   bash bench/x2_runs.sh OUT_DIR [case ...]      cases: ref64 ref64_irregular default (default: all three)
+#   bash bench/x2_runs.sh OUT_DIR [case ...]      cases: ref64 ref64_irregular default physx_ref64
+#                                                 physx_ref64_irregular physx_default (default: the first three)
+#   PARALLEL=1 bash bench/x2_runs.sh OUT_DIR ...  quality runs: every case at once on one GPU (timings not comparable)
+#   GEN_ONLY=1 bash bench/x2_runs.sh OUT_DIR ...  only generate and cache the cases' phantoms and initial points
 #
 # Each case writes runs/<case>/ (checkpoints, export, metrics.jsonl with the `timing` record) and copies
 # metrics.jsonl, eval/metrics.json (with the phases of cycles 0, 5, 10 and 19), tidal.csv and the pictures to
@@ -21,6 +24,9 @@ flags() {  # the train.py flags of a case
     ref64) echo "--config=configs/x2_gaussian.py:ref64" ;;
     ref64_irregular) echo "--config=configs/x2_gaussian.py:ref64 --config.data.phantom.breathing=irregular" ;;
     default) echo "--config=configs/x2_gaussian.py" ;;
+    physx_ref64) echo "--config=configs/physx.py:ref64" ;;
+    physx_ref64_irregular) echo "--config=configs/physx.py:ref64 --config.data.phantom.breathing=irregular" ;;
+    physx_default) echo "--config=configs/physx.py" ;;
     *) echo "unknown case $1" >&2; return 1 ;;
   esac
 }
@@ -41,15 +47,24 @@ print(path)
 PY
 done
 
-for c in "${cases[@]}"; do
+[ -n "${GEN_ONLY:-}" ] && exit 0
+
+run_case() {
+  local c=$1
   rm -rf "runs/$c"
   echo "== $c: train $(date +%T)"
-  python train.py --workdir="runs/$c" $(flags "$c") > "$out/$c.train.log" 2>&1 || { echo "$c: train.py failed"; continue; }
+  python train.py --workdir="runs/$c" $(flags "$c") > "$out/$c.train.log" 2>&1 || { echo "$c: train.py failed"; return; }
   grep "time per phase" "$out/$c.train.log"
   echo "== $c: eval $(date +%T)"
   python eval.py --workdir="runs/$c" --cycles=0,5,10,19 > "$out/$c.eval.log" 2>&1 || echo "$c: eval.py failed"
   mkdir -p "$out/$c"
   cp "runs/$c/metrics.jsonl" "$out/$c/" 2>/dev/null
   cp runs/"$c"/eval/*.json runs/"$c"/eval/*.csv runs/"$c"/eval/*.png runs/"$c"/eval/*.gif "$out/$c/" 2>/dev/null
+  echo "== $c: done $(date +%T)"
+}
+
+for c in "${cases[@]}"; do
+  if [ -n "${PARALLEL:-}" ]; then run_case "$c" & else run_case "$c"; fi
 done
+wait
 echo "== done $(date +%T)"
