@@ -39,6 +39,10 @@ def get_config(arg=None):
         anchor_pos_embed_dim=32,
         anchor_time_embed_dim=16,  # 2 x the number of learnable time frequencies
         dropout=0.1,
+        # Initial time frequencies pi * (1..8) * scale per unit of normalised time (seconds / scan). 1.0 is the
+        # reference; its fastest wave has a 15 s period on a 60 s scan, so a 3 s breath is out of reach of the
+        # learnable frequencies at their learning rate (README, measured results). 5.0 reaches a 3 s period.
+        time_freq_scale=1.0,
         dropout_at_eval=False,  # True: the reference's dropout in every evaluation forward
         lambda_phys=0.1,
         lambda_anchor_smooth=0.01,

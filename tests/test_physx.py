@@ -22,8 +22,8 @@ from x2gs_jax.gaussians import Gaussians
 from x2gs_jax.models import ConfigError, make_model, model_kinds
 from x2gs_jax.models import anchors as A
 from x2gs_jax.models.physx import PhysXModel, PhysXSettings
-from x2gs_jax.models.transformer import (EncoderLayer, SpacetimeTransformer, TransformerConfig, anchor_displacements,
-                                         init_transformer, transformer_labels)
+from x2gs_jax.models.transformer import (EncoderLayer, TransformerConfig, anchor_displacements, init_transformer,
+                                         transformer_labels)
 from x2gs_jax.train_state import gaussians_from_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

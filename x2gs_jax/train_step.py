@@ -21,6 +21,7 @@ import optax
 from x2gs_jax import losses
 from x2gs_jax.densify import accumulate
 from x2gs_jax.densify import is_densify_iteration as densify_iteration
+from x2gs_jax.models.base import check_view_gaussians
 from x2gs_jax.render import Grid, rasterize, voxelize
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 
@@ -73,6 +74,7 @@ def make_loss_fn(model, settings: StepSettings):
         # losses (through `cache`, e.g. X2's periodic render, PhysX's anchor displacements) share them.
         deformed, cache = model.view_gaussians(params, model_state, canonical, batch["time"], key_deform, it,
                                                settings)
+        check_view_gaussians(deformed, batch["time"].shape[0], canonical.capacity)  # the contract's shapes
 
         def one_view(g, camera, image_gt, ndc_offset):
             image, aux = _render_view(g, camera, ndc_offset, settings)

@@ -23,7 +23,6 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from x2gs_jax.evaluation import phase_mid_times

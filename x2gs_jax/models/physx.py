@@ -32,7 +32,7 @@ import numpy as np
 from x2gs_jax.fields import apply_offsets
 from x2gs_jax.models import anchors as A
 from x2gs_jax.models.base import (ConfigError, DeformationModel, canonical_at_views, check_eval_phases,
-                                  check_view_gaussians, four_d_eval_times, register)
+                                  four_d_eval_times, register)
 from x2gs_jax.models.transformer import TransformerConfig, anchor_displacements, init_transformer, transformer_labels
 from x2gs_jax.train_state import gaussians_from_params
 
@@ -127,7 +127,6 @@ class PhysXModel(DeformationModel):
 
         keys = jax.random.split(key, times.shape[0])
         g, da, masked = jax.vmap(one)(times, keys)
-        check_view_gaussians(g, times.shape[0], canonical.capacity)
         return g, {"delta_a": da, "masked": masked}
 
     # -- losses and gates
@@ -172,7 +171,8 @@ def settings_from_config(config) -> PhysXSettings:
     try:
         tr = TransformerConfig(dim=int(p.transformer_dim), heads=int(p.transformer_heads),
                                layers=int(p.transformer_layers), pos_embed_dim=int(p.anchor_pos_embed_dim),
-                               time_embed_dim=int(p.anchor_time_embed_dim), dropout=float(p.dropout))
+                               time_embed_dim=int(p.anchor_time_embed_dim), dropout=float(p.dropout),
+                               time_freq_scale=float(p.time_freq_scale))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     checks = [("num_anchors", p.num_anchors >= 2, ">= 2"), ("anchor_k", p.anchor_k >= 1, ">= 1"),

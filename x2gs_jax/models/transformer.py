@@ -1,7 +1,7 @@
 """The PhysX-Gaussian spacetime transformer (physx.md §1.4-1.5): anchor positions + one time -> anchor displacements.
 
   pos   = Linear(3 -> P) . ReLU . Linear(P -> P)                          on raw anchor xyz        [M, P]
-  time  = Linear(2F -> Tm)([sin(t f), cos(t f)]), f in R^F learnable, init pi (1..F), F = Tm / 2    [Tm]
+  time  = Linear(2F -> Tm)([sin(t f), cos(t f)]), f in R^F learnable, init pi (1..F) (x time_freq_scale), F = Tm / 2
   token = Linear(P + Tm -> d)(concat(pos, time))                                                    [M, d]
   (BERT mask: the tokens of the masked anchors are replaced by one learnable mask token [d])
   L x post-norm encoder layers:  h = LN1(x + Drop(MHA(x))),  y = LN2(h + Drop(W2 Drop(GELU(W1 h))))
@@ -42,6 +42,9 @@ class TransformerConfig:
     pos_embed_dim: int = 32  # anchor_pos_embed_dim
     time_embed_dim: int = 16  # anchor_time_embed_dim (2 x the number of learnable frequencies)
     dropout: float = 0.1
+    # Initial frequencies pi * (1..F) * time_freq_scale (rad per unit of normalised time). 1.0 is the reference:
+    # its fastest wave then has a period of a quarter of the scan (15 s of a 60 s scan), slower than a 3 s breath.
+    time_freq_scale: float = 1.0
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -51,6 +54,8 @@ class TransformerConfig:
         if min(self.dim, self.heads, self.layers, self.pos_embed_dim) < 1:
             raise ValueError("physx: transformer_dim, transformer_heads, transformer_layers and anchor_pos_embed_dim "
                              "must be >= 1")
+        if not self.time_freq_scale > 0:
+            raise ValueError(f"physx.time_freq_scale must be > 0, got {self.time_freq_scale}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"physx.dropout must lie in [0, 1), got {self.dropout}")
 
@@ -108,7 +113,9 @@ class SpacetimeTransformer(nn.Module):
         p = torch_linear(c.pos_embed_dim, 3, "pos_embed_0")(anchors)
         p = torch_linear(c.pos_embed_dim, c.pos_embed_dim, "pos_embed_2")(nn.relu(p))
         n_freq = c.time_embed_dim // 2
-        freqs = self.param("time_freqs", lambda _k, s: jnp.pi * jnp.arange(1, s[0] + 1, dtype=jnp.float32), (n_freq,))
+        freqs = self.param("time_freqs", lambda _k, s: jnp.pi * c.time_freq_scale * jnp.arange(1, s[0] + 1,
+                                                                                                 dtype=jnp.float32),
+                           (n_freq,))
         s = jnp.asarray(t, jnp.float32) * freqs
         te = torch_linear(c.time_embed_dim, 2 * n_freq, "time_proj")(jnp.concatenate([jnp.sin(s), jnp.cos(s)]))
         te = jnp.broadcast_to(te, (anchors.shape[0], c.time_embed_dim))
