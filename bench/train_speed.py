@@ -3,13 +3,15 @@
   python bench/train_speed.py --model static --gaussians 50000,200000 --detector 512 --json OUT.json
   python bench/train_speed.py --model x2 --gaussians 50000,200000 --detector 512 --json OUT.json
   python bench/train_speed.py --model physx --gaussians 50000,200000 --detector 512 --json OUT.json
+  python bench/train_speed.py --model physx_boosted --gaussians 50000,200000 --detector 512 --json OUT.json
 
 Cases (fixed seeds): the embedded phantom (128³ GT) projected on a `--detector`² detector (static: 50 views;
 x2/physx: 300 views over the 60 s scan), FDK-initialised with exactly N Gaussians, densification off so N stays
 fixed. `static` times the R2 step (render + L1/D-SSIM + 3D TV on a 32³ patch + Adam); `x2` times the fine
 stage of X2-Gaussian with the default field and the periodic-consistency render on (the reference's slowest
 phase); `physx` the fine stage of PhysX-Gaussian (1024 anchors, masked render pass + teacher pass, L_phys and
-L_smooth on, no 3D TV as configs/physx.py). Each call runs `train.steps_per_call` iterations in one jitted `lax.scan`, exactly as `train.py`.
+L_smooth on, no 3D TV as configs/physx.py); `physx_boosted` the fine stage of the main PhysX-Boosted recipe
+(configs/physx_boosted.py: boosted HexPlane + anchor streams, α 0.99, no mask, 4D-TV, L_smooth). Each call runs `train.steps_per_call` iterations in one jitted `lax.scan`, exactly as `train.py`.
 Timing: one warm-up call (compilation), then the median over --repeats calls; it/s = iterations / call time.
 Peak memory: the device allocator's peak after the runs (`memory_stats()["peak_bytes_in_use"]`).
 """
@@ -28,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import physx, r2_static, x2_gaussian  # noqa: E402
+from configs import physx, physx_boosted, r2_static, x2_gaussian  # noqa: E402
 from x2gs_jax import train_lib  # noqa: E402
 from x2gs_jax.data.naf import load_case  # noqa: E402
 from x2gs_jax.train_step import make_multi_step, make_train_step  # noqa: E402
@@ -38,7 +40,7 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
     if model == "static":
         c = r2_static.get_config()
     else:
-        c = (x2_gaussian if model == "x2" else physx).get_config()
+        c = {"x2": x2_gaussian, "physx": physx, "physx_boosted": physx_boosted}[model].get_config()
         c.data.phantom.views = 300
         c.train.coarse_iterations = 0  # straight into the fine stage
         c.loss.periodic_start = 0  # X2: periodic render on from the first fine iteration
@@ -120,7 +122,7 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("static", "x2", "physx"), default="static")
+    ap.add_argument("--model", choices=("static", "x2", "physx", "physx_boosted"), default="static")
     ap.add_argument("--gaussians", default="50000,200000")
     ap.add_argument("--detector", type=int, default=512)
     ap.add_argument("--backend", default="auto")

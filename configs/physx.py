@@ -47,6 +47,17 @@ def get_config(arg=None):
         lambda_phys=0.1,
         lambda_anchor_smooth=0.01,
         phys_warmup_steps=2000,  # global iteration (coarse included), as the reference
+        # V10 decoupled mask (physx.md §3.1): the render pass is unmasked; L_phys from a separate masked pass.
+        use_decoupled_mask=False,
+        # V16 spatio-temporal masked modelling (§3.2): K x M (time, anchor) tokens, L_lagbert.
+        use_spatiotemporal_mask=False,
+        lambda_lagbert=0.5,
+        st_window_size=3,  # K window times t + k st_time_delta
+        st_time_delta=0.1,
+        st_mask_ratio=0.3,  # floor(K * M * ratio) flagged tokens
+        st_coupled_render=False,  # the render uses the full pass's centre slice
+        st_mask_embed_scale=1.0,  # lambda_e of the added flag embedding
+        st_eval_faithful=False,  # True: coupled runs evaluate with the plain anchor pass (the reference)
     ))
     c.loss.lambda_tv = 0.0  # the reference skips 3D TV in pure anchor mode (both stages)
     # Constant learning rates (physx.md §1.8: the group names match neither of the reference's schedule rules).

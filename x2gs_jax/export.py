@@ -45,9 +45,15 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
+def array_keys(params: dict) -> list[str]:
+    """The model's single-array parameters (the period τ, PhysX-Boosted's balance τ_α and ρ): stored in
+    gaussians.npz beside the Gaussians (orbax's standard save takes pytrees, not lone arrays)."""
+    return [k for k in params if k not in GAUSSIAN_KEYS and hasattr(params[k], "shape")]
+
+
 def pytree_keys(params: dict) -> list[str]:
-    """The parameter keys exported as orbax pytrees: everything but the Gaussians and the period scalar."""
-    return [k for k in params if k not in GAUSSIAN_KEYS and k != PERIOD_KEY]
+    """The parameter keys exported as orbax pytrees: everything but the Gaussians and the single arrays."""
+    return [k for k in params if k not in GAUSSIAN_KEYS and not hasattr(params[k], "shape")]
 
 
 def export_inference(workdir: str, state: TrainState, config, case: Case) -> None:
@@ -57,8 +63,7 @@ def export_inference(workdir: str, state: TrainState, config, case: Case) -> Non
     out = os.path.join(workdir, "export")
     os.makedirs(out, exist_ok=True)
     flat = {"active": state.active, **{k: state.params[k] for k in GAUSSIAN_KEYS}}
-    if PERIOD_KEY in state.params:
-        flat[PERIOD_KEY] = state.params[PERIOD_KEY]
+    flat.update({k: state.params[k] for k in array_keys(state.params)})
     atomic_write_bytes(os.path.join(out, "gaussians.npz"), _npz_bytes(flat))
     if state.model_state:
         atomic_write_bytes(os.path.join(out, "model_state.npz"), _npz_bytes(state.model_state))
@@ -96,13 +101,13 @@ def load_export(export: str, model, case: Case) -> tuple[dict, dict, np.ndarray,
     need = list(GAUSSIAN_KEYS) + ["active"]
     missing = [k for k in need if k not in flat]
     if missing:
-        raise ExportError(f"{path}: keys {missing} missing (expected {need} [+ {PERIOD_KEY}])")
+        raise ExportError(f"{path}: keys {missing} missing (expected {need} [+ the model's single-array parameters])")
     params = {k: jnp.asarray(flat[k]) for k in GAUSSIAN_KEYS}
     template = model.init_params(jax.random.PRNGKey(0), case)
-    if PERIOD_KEY in template:
-        if PERIOD_KEY not in flat:
-            raise ExportError(f"{path}: the {model.kind} model's '{PERIOD_KEY}' is missing")
-        params[PERIOD_KEY] = jnp.asarray(flat[PERIOD_KEY])
+    for k in array_keys(template):
+        if k not in flat:
+            raise ExportError(f"{path}: the {model.kind} model's '{k}' is missing")
+        params[k] = jnp.asarray(flat[k])
     for k in pytree_keys(template):
         sub = os.path.abspath(os.path.join(export, k))
         if not os.path.isdir(sub):

@@ -93,15 +93,18 @@ def gated_adam(name: str, spec: GroupSpec) -> optax.GradientTransformationExtraA
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def group_specs_from_config(lr_cfg: Mapping[str, Any], controls: Mapping[str, Any] | None = None) -> dict:
+def group_specs_from_config(lr_cfg: Mapping[str, Any], controls: Mapping[str, Any] | None = None,
+                            model_specs: Mapping[str, GroupSpec] | None = None) -> dict:
     """Build {group: GroupSpec} from config dicts.
 
     lr_cfg: {group: {"init": float, "final": float, "max_steps": int}}.
     controls: optional {group: {"lr_scale", "freeze_until", "freeze_from"}}; unknown groups or keys fail loudly.
+    model_specs: groups whose schedule the model's settings decide (replace lr_cfg's; controls apply on top).
     """
     specs = {}
     for name, c in lr_cfg.items():
         specs[name] = GroupSpec(float(c["init"]), float(c["final"]), int(c["max_steps"]))
+    specs.update(model_specs or {})
     for name, c in (controls or {}).items():
         if name not in specs:
             raise KeyError(f"optim.controls: unknown parameter group '{name}' (groups: {sorted(specs)})")

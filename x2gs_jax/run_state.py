@@ -45,7 +45,8 @@ def init_state(config, case: Case, points: np.ndarray, model) -> TrainState:
 
 def build_optimizer(config, params, model):
     """One gated Adam per parameter group (config.optim.lr.<group>), groups labelled by `param_labels`."""
-    specs = group_specs_from_config(config.optim.lr.to_dict(), config.optim.controls.to_dict())
+    specs = group_specs_from_config(config.optim.lr.to_dict(), config.optim.controls.to_dict(),
+                                    model.group_specs())
     return make_optimizer(specs, param_labels(params, model))
 
 

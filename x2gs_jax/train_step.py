@@ -90,7 +90,7 @@ def make_loss_fn(model, settings: StepSettings):
             size = jnp.asarray(settings.tv_size, jnp.float32)
             center = losses.tv_patch_center(key_tv, jnp.asarray(settings.bbox_min), jnp.asarray(settings.bbox_max), size)
             grid = Grid(n=(settings.tv_n,) * 3, size=size, center=center)
-            g_tv = jax.tree.map(lambda x: x[0], deformed)
+            g_tv = model.regulariser_gaussians(jax.tree.map(lambda x: x[0], deformed))
             vol = voxelize(g_tv, grid, culling=settings.tv_culling, mean_grad=settings.tv_mean_grad,
                            backend=settings.backend)
             tv = losses.tv_3d(vol)

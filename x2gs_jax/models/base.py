@@ -57,6 +57,11 @@ class DeformationModel(abc.ABC):
         """The state after densify/prune/grow changed the Gaussian buffers (capacity C may have changed)."""
         return model_state
 
+    def group_specs(self) -> dict:
+        """{optimiser group: optim.GroupSpec} whose learning rate the model's own settings decide (they replace
+        config.optim.lr.<group>; config.optim.controls still apply on top)."""
+        return {}
+
     # -- geometry
     @abc.abstractmethod
     def gaussians_at(self, params, model_state, canonical: Gaussians, t, key, stage: str) -> Gaussians:
@@ -65,6 +70,11 @@ class DeformationModel(abc.ABC):
     @abc.abstractmethod
     def view_gaussians(self, params, model_state, canonical: Gaussians, times, key, it, settings):
         """(Gaussians with a leading view axis [V], cache for `extra_losses`) of a batch's training views."""
+
+    def regulariser_gaussians(self, g: Gaussians) -> Gaussians:
+        """The Gaussians the 3D TV patch sees (one view's deformed Gaussians; PhysX-Boosted stops the gradient of
+        the geometry there)."""
+        return g
 
     # -- losses and optimiser gates
     @abc.abstractmethod
@@ -137,5 +147,5 @@ def make_model(config, case) -> DeformationModel:
 
 def _load_builtin() -> None:
     # The built-in models register themselves on import.
-    from x2gs_jax.models import physx, static, x2  # noqa: F401
+    from x2gs_jax.models import boosted, physx, static, x2  # noqa: F401
 

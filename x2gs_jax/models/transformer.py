@@ -45,6 +45,9 @@ class TransformerConfig:
     # Initial frequencies pi * (1..F) * time_freq_scale (rad per unit of normalised time). 1.0 is the reference:
     # its fastest wave then has a period of a quarter of the scan (15 s of a 60 s scan), slower than a 3 s breath.
     time_freq_scale: float = 1.0
+    # V16 (physx.md §3.2): a learnable [2, dim] table E (init N(0, 0.02^2)) whose row flag_{k,j} is added to
+    # every (time, anchor) token of the spatio-temporal passes. Built only when the variant is on.
+    flag_embed: bool = False
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -103,30 +106,47 @@ class EncoderLayer(nn.Module):
 
 
 class SpacetimeTransformer(nn.Module):
-    """(anchors [M, 3], t [], mask [M] bool or None) -> anchor displacements [M, 3] (world units)."""
+    """(anchors [M, 3], t [] or [K], mask [M] bool or None, flags [K, M] int or None) -> Δa [M, 3] or [K, M, 3].
+
+    One time t: the ordinary anchor pass. A vector of K times (V16): K x M (time, anchor) tokens attend to each
+    other in one encoder pass (batch of one sequence of length K*M), each token plus `flag_scale` E[flag]."""
 
     config: TransformerConfig = TransformerConfig()
 
     @nn.compact
-    def __call__(self, anchors: jax.Array, t, mask=None, deterministic: bool = True) -> jax.Array:
+    def __call__(self, anchors: jax.Array, t, mask=None, deterministic: bool = True, flags=None,
+                 flag_scale: float = 1.0) -> jax.Array:
         c = self.config
+        m = anchors.shape[0]
+        t = jnp.asarray(t, jnp.float32)
+        times = t.reshape(-1)  # [K]
         p = torch_linear(c.pos_embed_dim, 3, "pos_embed_0")(anchors)
         p = torch_linear(c.pos_embed_dim, c.pos_embed_dim, "pos_embed_2")(nn.relu(p))
         n_freq = c.time_embed_dim // 2
         freqs = self.param("time_freqs", lambda _k, s: jnp.pi * c.time_freq_scale * jnp.arange(1, s[0] + 1,
                                                                                                  dtype=jnp.float32),
                            (n_freq,))
-        s = jnp.asarray(t, jnp.float32) * freqs
-        te = torch_linear(c.time_embed_dim, 2 * n_freq, "time_proj")(jnp.concatenate([jnp.sin(s), jnp.cos(s)]))
-        te = jnp.broadcast_to(te, (anchors.shape[0], c.time_embed_dim))
-        x = torch_linear(c.dim, c.pos_embed_dim + c.time_embed_dim, "input_proj")(jnp.concatenate([p, te], axis=-1))
+        s = times[:, None] * freqs  # [K, F]
+        te = torch_linear(c.time_embed_dim, 2 * n_freq, "time_proj")(jnp.concatenate([jnp.sin(s), jnp.cos(s)], -1))
+        k = times.shape[0]
+        tokens = jnp.concatenate([jnp.broadcast_to(p, (k, m, c.pos_embed_dim)),
+                                  jnp.broadcast_to(te[:, None, :], (k, m, c.time_embed_dim))], axis=-1)
+        x = torch_linear(c.dim, c.pos_embed_dim + c.time_embed_dim, "input_proj")(tokens)  # [K, M, d]
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (c.dim,))
+        if c.flag_embed:
+            table = self.param("mask_flag_embed", nn.initializers.normal(0.02), (2, c.dim))
+            if flags is not None:  # added, never a replacement (the full pass adds E[0] to every token)
+                x = x + flag_scale * table[flags]
+        elif flags is not None:
+            raise ValueError("SpacetimeTransformer: flags need TransformerConfig(flag_embed=True)")
         if mask is not None:
-            x = jnp.where(mask[:, None], mask_token[None, :], x)
+            x = jnp.where(mask[..., None], mask_token, x)
+        x = x.reshape(k * m, c.dim)
         for i in range(c.layers):
             x = EncoderLayer(c.dim, c.heads, c.dropout, name=f"{LAYER_PREFIX}{i}")(x, deterministic)
         h = gelu(torch_linear(c.dim, c.dim, "head_0")(x))
-        return torch_linear(3, c.dim, "head_2")(h)
+        out = torch_linear(3, c.dim, "head_2")(h).reshape(k, m, 3)
+        return out[0] if t.ndim == 0 else out
 
 
 def init_transformer(key: jax.Array, config: TransformerConfig) -> dict:
@@ -146,7 +166,9 @@ def transformer_labels(params: dict) -> dict:
 
 
 def anchor_displacements(params: dict, config: TransformerConfig, anchors: jax.Array, t, *, mask=None,
-                         dropout_key=None) -> jax.Array:
-    """Δa [M, 3] at normalised time t. Dropout is on iff `dropout_key` is given; `mask` [M] bool or None."""
+                         dropout_key=None, flags=None, flag_scale: float = 1.0) -> jax.Array:
+    """Δa [M, 3] at normalised time t ([K, M, 3] for times [K]). Dropout is on iff `dropout_key` is given; `mask`
+    [M] bool or None (BERT replacement by the mask token); `flags` [K, M] int (V16 flag embedding, added)."""
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    return SpacetimeTransformer(config).apply({"params": params}, anchors, t, mask, dropout_key is None, rngs=rngs)
+    return SpacetimeTransformer(config).apply({"params": params}, anchors, t, mask, dropout_key is None, flags,
+                                              flag_scale, rngs=rngs)
