@@ -379,6 +379,28 @@ def test_config_variants_and_validation(tmp_path):
         make_model(bad, None)
 
 
+def test_every_variant_exports_and_loads_back(tmp_path):
+    """The export of each parameter layout (balance τ_α / uncertainty head / ρ / V16 flag table) loads back into the
+    model's structure with equal values, so eval.py evaluates every variant."""
+    from x2gs_jax import train_lib
+    from x2gs_jax.data.naf import load_case
+    from x2gs_jax.export import export_inference, load_export
+
+    for i, variant in enumerate(("tiny", "tiny,m1_bayes", "tiny,m2_05", "tiny,v16")):
+        config = boosted_config.get_config(variant)
+        config.data.cache_dir = str(tmp_path / "cache")
+        path = train_lib.resolve_case_path(config)
+        case = load_case(path)
+        model = make_model(config, case)
+        state = train_lib.init_state(config, case, train_lib.initial_points(path, case, config), model)
+        run = tmp_path / f"run{i}"
+        export_inference(str(run), state, config, case)
+        params, model_state, active, _ = load_export(str(run / "export"), model, case)
+        chex.assert_trees_all_equal(params, dict(state.params))
+        chex.assert_trees_all_equal(model_state, dict(state.model_state))
+        np.testing.assert_array_equal(active, np.asarray(state.active))
+
+
 # ------------------------------------------------------------------------------- through train.py
 def _cmd(workdir, cache, *extra, config="configs/physx_boosted.py:tiny"):
     return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, config),
