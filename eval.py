@@ -10,6 +10,7 @@ projections.png, export/vol_t{t}.npy|.nii.gz; prints a short table.
 from absl import app, flags, logging
 
 from x2gs_jax import eval_lib, tidal
+from x2gs_jax.data.naf import DataError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by train.py (config.json, export/, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Case pickle to evaluate on (default: the run's config data.path or its "
@@ -45,10 +46,14 @@ def main(argv):
         cycles = [int(c) for c in _CYCLES.value]
     except ValueError as err:
         raise app.UsageError(f"--cycles: expected comma-separated integers, got {_CYCLES.value}") from err
-    eval_lib.evaluate_run(_WORKDIR.value, data=_DATA.value, step=_STEP.value, tidal_points=_TIDAL.value,
-                          pictures=not _NO_PICS.value, export_times=times, baselines=_BASELINES.value,
-                          lung_threshold=_LUNG.value, erode_voxels=_ERODE.value, chunk=_CHUNK.value,
-                          gif_frames=_GIF.value, proj_views=_VIEWS.value, cycles=cycles)
+    try:
+        eval_lib.evaluate_run(_WORKDIR.value, data=_DATA.value, step=_STEP.value, tidal_points=_TIDAL.value,
+                              pictures=not _NO_PICS.value, export_times=times, baselines=_BASELINES.value,
+                              lung_threshold=_LUNG.value, erode_voxels=_ERODE.value, chunk=_CHUNK.value,
+                              gif_frames=_GIF.value, proj_views=_VIEWS.value, cycles=cycles)
+    except (eval_lib.RunError, eval_lib.MismatchError, DataError) as err:
+        # A missing/damaged run or data of another case: the message names the file (no traceback).
+        raise app.UsageError(str(err)) from err
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ def lr(init: float, final: float, max_steps: int = 30000) -> ml_collections.Conf
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.resume = ""  # a run directory to continue exactly from its latest checkpoint
+    c.resume = ""  # a run directory to continue exactly from its newest intact checkpoint
+    # A --workdir that already holds a run is refused; True moves that run aside (renamed, not deleted) and starts over.
+    c.overwrite = False
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # a NAF/X2GS *.pickle; empty = the embedded phantom below (generated once, cached)
@@ -39,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.iterations = 30000
-    c.train.coarse_iterations = 30000  # static stage length (= iterations for a static model)
+    c.train.coarse_iterations = 30000  # static (coarse) stage length of 4D models; static models ignore it (one stage)
     c.train.views_per_step = 1
     # Iterations per jitted call (lax.scan): removes per-iteration host round trips. Calls also end at
     # densify, evaluation and checkpoint iterations, so results do not depend on this value.

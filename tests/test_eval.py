@@ -1,5 +1,6 @@
-"""eval.py end to end on a tiny 4D run trained inside the test: metrics.json, tidal.csv, pictures, NIfTI
-export round trip, parity of the export path with the metrics path, loud errors on wrong data/runs."""
+"""eval.py end to end on a tiny 4D run trained inside the test (coarse and fine stage): metrics.json equal to the
+training-time evaluation, the schedule's rules on its checkpoints, tidal.csv, pictures, NIfTI export round trip, parity
+of the export path with the metrics path, loud errors on wrong data/runs."""
 import csv
 import dataclasses
 import json
@@ -19,19 +20,28 @@ from x2gs_jax.fileio import nifti_frame_mm, read_nifti
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 2-iteration tiny X2 run (coarse stage only: the field and period are exported untouched)."""
+    """A trained 4D `x2:tiny` run: coarse iterations 1-2, fine 3-10 with the periodic loss from iteration 4 (so the
+    field and the period are trained), evaluated during training at 2 (coarse end) and 10, checkpoints at 2 and 10;
+    then eval.py's library on its export."""
     root = tmp_path_factory.mktemp("eval")
     config = x2_gaussian.get_config("tiny")
     config.data.cache_dir = str(root / "cache")
-    config.train.iterations = 2
+    config.train.iterations = 10
     config.train.coarse_iterations = 2
-    config.eval.iterations = (2,)
-    config.checkpoint.every = 2
+    config.loss.periodic_start = 3
+    config.densify.enabled = False
+    config.eval.iterations = (2, 10)
+    config.checkpoint.every = 10
     workdir = str(root / "run")
     train_lib.train_and_evaluate(config, workdir)
     m = eval_lib.evaluate_run(workdir, tidal_points=16, export_times=(0.0, 0.0025), chunk=4, gif_frames=4,
                               proj_views=2, progress=False)
     return config, workdir, m
+
+
+def _training_eval(workdir, step) -> dict:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "eval" and r["step"] == step][0]
 
 
 def test_metrics_json(run):
@@ -45,13 +55,50 @@ def test_metrics_json(run):
     assert len(m["psnr_3d"]) == len(m["ssim_3d"]) == len(m["phase_times"]) == 10
     assert m["psnr_3d_mean"] == pytest.approx(np.mean(m["psnr_3d"]))
     np.testing.assert_allclose(m["phase_times"], (np.arange(10) + 0.5) * 0.3 / 60, rtol=1e-6)
-    # Only coarse iterations ran: tau is its initial ln 2.8 (the period group is gated off).
-    assert m["period_learned_s"] == pytest.approx(2.8, rel=1e-6)
+    assert m["step"] == 10 and m["stage"] == "fine" and m["source"] == "export"
+    # eval.py on the export == the training-time evaluation of the same (final, fine-stage) state.
+    final = _training_eval(workdir, 10)
+    for k in ("psnr_3d_mean", "ssim_3d_mean"):
+        assert m[k] == pytest.approx(final[k], abs=1e-4), k
+    # The period stepped on iterations 4-9 (after periodic_start, before the last iteration): it left 2.8 s.
+    assert abs(m["period_learned_s"] - 2.8) > 1e-4
     assert m["period_gt_s"] == 3.0
     # The phantom case: the GT curve is known, so the agreement keys are reported.
     assert "tidal_amplitude_gt_ml" in m and m["tidal_amplitude_gt_ml"] > 0
-    # The coarse model does not move: a flat curve has no period (reported as such, not as a number).
-    assert m["tidal_amplitude_ml"] == 0 and m["tidal_period_s"] is None and "flat" in m["tidal_period_error"]
+
+
+def test_schedule_follows_the_reference_rules(run):
+    """x2gaussian.md §9-10 and physx.md §0 on the checkpoints of the run (per-group Adam step counts are the number
+    of iterations each group stepped): no step on a stage's last iteration (2 and 10), a fresh optimiser and fresh
+    densification statistics at the coarse->fine switch, the field from the first fine iteration, the period only
+    after periodic_start (3), and the periodic loss only then."""
+    from x2gs_jax.checkpoint import Checkpointer
+    from x2gs_jax.data.prepare import initial_points, resolve_case_path
+    from x2gs_jax.data.naf import load_case
+    from x2gs_jax.optim import group_state
+    from x2gs_jax.run_state import template_state
+
+    config, workdir, _ = run
+    path = train_lib.resolve_case_path(config)
+    case = load_case(path)
+    model = train_lib.make_model(config, case)
+    points = initial_points(resolve_case_path(config), case, config)
+    ckpt = Checkpointer(workdir, read_only=True)
+    counts = {}
+    for step in (2, 10):
+        state, _ = ckpt.restore(lambda meta: template_state(config, case, points, model, meta), step)
+        counts[step] = {g: int(group_state(state.opt_state, g).count)
+                        for g in ("xyz", "scaling", "rotation", "density", "grid", "deformation", "period")}
+    gaussians = ("xyz", "scaling", "rotation", "density")
+    assert counts[2] == {**{g: 1 for g in gaussians}, "grid": 0, "deformation": 0, "period": 0}  # iteration 1
+    assert counts[10] == {**{g: 7 for g in gaussians}, "grid": 7, "deformation": 7, "period": 6}  # 3-9; 4-9
+    # Statistics restarted at iteration 3: Gaussians inside the cone are seen by every iteration 3-10.
+    visits = np.asarray(state.stats.count)[np.asarray(state.active)]
+    assert visits.max() == 8
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        prior = {r["step"]: r["loss_render_prior"] for r in map(json.loads, f)
+                 if r["kind"] == "train" and r["step"] > 2}
+    assert prior[3] == 0 and all(prior[it] > 0 for it in range(4, 11))
 
 
 def test_tidal_csv_and_pictures(run):
@@ -89,13 +136,16 @@ def test_export_round_trip_and_parity(run):
 def test_field_and_checkpoint_load(run):
     config, workdir, _ = run
     r = eval_lib.load_run(workdir)
-    # The exported field is restored exactly: untouched by the coarse iterations, it equals its init.
-    init = r.model.init_params(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), r.case)["field"]
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), r.params["field"], init)
     c = eval_lib.load_run(workdir, step=-1)
-    assert c.step == r.step == 2 and c.source == "checkpoint 2"
-    for k in ("xyz", "scaling", "rotation", "density"):
+    assert c.step == r.step == 10 and c.source == "checkpoint 10" and c.stage == r.stage == "fine"
+    for k in ("xyz", "scaling", "rotation", "density", "period"):
         np.testing.assert_array_equal(np.asarray(c.params[k]), np.asarray(r.params[k]))
+    # The exported field is restored exactly: the trained one of the last checkpoint, no longer its init.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), r.params["field"],
+                 c.params["field"])
+    init = r.model.init_params(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), r.case)["field"]
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(r.params["field"]), jax.tree.leaves(init)))
 
 
 def test_errors(run, tmp_path):
@@ -115,15 +165,20 @@ def test_errors(run, tmp_path):
 
 def test_cycle_metrics_against_the_phantom(run):
     """Later breathing cycles are scored against the phantom's exact volumes at their times: cycle 0 through this
-    path equals the standard metrics (the case's GT phases are those volumes), and for this regular phantom and a
-    model that does not move (coarse stage only) every cycle scores the same, as periodicity demands."""
+    path equals the standard metrics (the case's GT phases are those volumes). The checkpoint at the coarse stage's
+    last iteration is evaluated as a coarse (undeformed) model, as during training: it scores what the training-time
+    evaluation of that state scored, and, not moving, the same in every cycle of this regular phantom."""
     _, workdir, m = run
     r = eval_lib.load_run(workdir)
-    c = eval_lib.cycle_metrics(r, [0, 7, 19], chunk=4, progress=False)
-    assert c["cycles"] == [0, 7, 19]
+    c = eval_lib.cycle_metrics(r, [0, 19], chunk=4, progress=False)
+    assert c["cycles"] == [0, 19]
     assert c["psnr_3d_by_cycle"][0] == pytest.approx(m["psnr_3d_mean"], abs=1e-4)
     assert c["ssim_3d_by_cycle"][0] == pytest.approx(m["ssim_3d_mean"], abs=1e-5)
-    np.testing.assert_allclose(c["psnr_3d_by_cycle"], c["psnr_3d_by_cycle"][0], atol=1e-3)
+    coarse = eval_lib.load_run(workdir, step=2)
+    assert coarse.stage == "coarse"
+    cc = eval_lib.cycle_metrics(coarse, [0, 7, 19], chunk=4, progress=False)
+    assert cc["psnr_3d_by_cycle"][0] == pytest.approx(_training_eval(workdir, 2)["psnr_3d_mean"], abs=1e-4)
+    np.testing.assert_allclose(cc["psnr_3d_by_cycle"], cc["psnr_3d_by_cycle"][0], atol=1e-3)
     with pytest.raises(ValueError, match="cycle 20 is outside the scan"):
         eval_lib.cycle_metrics(r, [20], chunk=4, progress=False)
     no_gen = dataclasses.replace(r, case=dataclasses.replace(

@@ -62,6 +62,28 @@ def test_frozen_group_does_not_move_and_its_adam_state_does_not_advance():
     assert int(group_state(state, "a").count) == 1
 
 
+def test_freeze_from_closes_a_group_for_good():
+    """optim.controls.<group>.freeze_from: the group steps while step < freeze_from, then neither its parameters nor
+    its Adam state move again (the window is global-step based, like freeze_until)."""
+    rng = np.random.default_rng(3)
+    params = _params(rng)
+    specs = group_specs_from_config({"a": {"init": 1e-2, "final": 1e-2, "max_steps": 100},
+                                     "b": {"init": 1e-2, "final": 1e-2, "max_steps": 100}}, {"a": {"freeze_from": 3}})
+    opt = make_optimizer(specs, {"a": "a", "b": "b"})
+    state, p = opt.init(params), params
+    grads = jax.tree.map(jnp.ones_like, params)
+    for step in range(1, 6):
+        before = p
+        u, state = opt.update(grads, state, p, step=step)
+        p = optax.apply_updates(p, u)
+        moved = not np.array_equal(np.asarray(p["a"]), np.asarray(before["a"]))
+        assert moved == (step < 3), step
+        assert int(group_state(state, "a").count) == min(step, 2)
+        assert int(group_state(state, "b").count) == step
+    assert GroupSpec(1.0, 1.0, 10, freeze_until=2, freeze_from=4).open(jnp.arange(6)).tolist() == [
+        False, False, True, True, False, False]
+
+
 def test_gates_argument_closes_a_group_for_one_step():
     rng = np.random.default_rng(2)
     params = _params(rng)

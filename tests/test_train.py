@@ -32,19 +32,23 @@ def tiny(tmp_path_factory):
     return config, case, points, cache
 
 
-def _jitted_step(config, case, state, stage="coarse"):
-    settings = train_lib.step_settings(config, case.scanner, stage, None)
+@pytest.fixture(scope="module")
+def step(tiny):
+    """One compiled step of the tiny static config (its only stage ends at iteration 20), shared by the tests that
+    call it on different states."""
+    config, case, points, _ = tiny
     model = train_lib.StaticModel()
-    opt = train_lib.build_optimizer(config, state.params, model)
-    return jax.jit(make_train_step(model, settings, opt))
+    state = train_lib.init_state(config, case, points, model)
+    settings = train_lib.step_settings(config, case.scanner, "coarse", None)
+    assert settings.stage_end == 20
+    return jax.jit(make_train_step(model, settings, train_lib.build_optimizer(config, state.params, model)))
 
 
-def test_one_real_training_step(tiny):
+def test_one_real_training_step(tiny, step):
     config, case, points, _ = tiny
     model = train_lib.StaticModel()
     state = train_lib.init_state(config, case, points, model)
     data = train_lib.TrainData(case)
-    step = _jitted_step(config, case, state)
     before = jax.tree.map(np.asarray, state.params)
     new_state, metrics = step(state, data.batch([0]), jax.random.PRNGKey(1))
     assert int(new_state.step) == 1
@@ -89,18 +93,62 @@ def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(t
     assert r2["psnr_2d"] == r3["psnr_2d"]
 
 
-def test_densify_iteration_freezes_gaussians_but_counts_visits(tiny):
+@pytest.mark.parametrize("it", [10, 20], ids=["densify_iteration", "last_iteration_of_the_stage"])
+def test_frozen_iterations_do_not_step_but_count_visits(tiny, step, it):
+    """x2gaussian.md §9 / physx.md §0: Gaussian attributes do not move on a densify iteration (10 of the tiny config:
+    from 5, every 5, until 16), and no optimiser step happens on a stage's last iteration (20, where the reference
+    computes the loss but skips `optimizer.step()`); the densification statistics still count the visit."""
     config, case, points, _ = tiny
     state = train_lib.init_state(config, case, points, train_lib.StaticModel())
     data = train_lib.TrainData(case)
-    step = _jitted_step(config, case, state)
-    # Iteration 10 is a densify iteration of the tiny config (from 5, every 5, until 16).
-    state = state.replace(step=jnp.int32(9))
-    new_state, _ = step(state, data.batch([3]), jax.random.PRNGKey(2))
+    state = state.replace(step=jnp.int32(it - 1))
+    new_state, metrics = step(state, data.batch([3]), jax.random.PRNGKey(2))
+    assert int(new_state.step) == it and bool(metrics["finite"])
     for k in ("xyz", "scaling", "rotation", "density"):
         np.testing.assert_array_equal(np.asarray(state.params[k]), np.asarray(new_state.params[k]))
         assert int(new_state.opt_state.inner_states[k].inner_state.count) == 0
     assert int(np.asarray(new_state.stats.count).sum()) > 0
+
+
+def test_guard_counts_non_finite_parameters_of_active_gaussians_and_losses(tiny, step):
+    """The step's guard: a NaN in an active Gaussian's scale is counted for its group (the loss stays finite: the
+    renderer drops that Gaussian), a NaN in a free slot is not, a NaN projection makes the loss non-finite; and
+    check_iteration turns a bad record into an error naming the iteration, the group, the count and the newest
+    checkpoint (only when there is one)."""
+    config, case, points, _ = tiny
+    state = train_lib.init_state(config, case, points, train_lib.StaticModel())
+    data = train_lib.TrainData(case)
+    first_free = int(np.flatnonzero(~np.asarray(state.active))[0])
+
+    def poisoned(k, i):
+        return state.replace(params={**state.params, k: state.params[k].at[i].set(jnp.nan)})
+
+    _, m = step(poisoned("scaling", 0), data.batch([0]), jax.random.PRNGKey(1))
+    assert not bool(m["finite"]) and np.isfinite(float(m["loss"]))
+    assert int(m["nonfinite_scaling"]) == 3  # the three components of that one Gaussian
+    _, m_free = step(poisoned("xyz", first_free), data.batch([0]), jax.random.PRNGKey(1))
+    assert bool(m_free["finite"]) and all(int(v) == 0 for k, v in m_free.items() if k.startswith("nonfinite_"))
+    batch = data.batch([0])
+    _, m_loss = step(state, {**batch, "image": batch["image"] * jnp.nan}, jax.random.PRNGKey(1))
+    assert not bool(m_loss["finite"]) and not np.isfinite(float(m_loss["loss"]))
+
+    class _Ckpt:
+        directory = "/runs/x/checkpoints"
+
+        def __init__(self, latest):
+            self.latest = latest
+
+        def latest_step(self):
+            return self.latest
+
+    record = {k: np.asarray(v) for k, v in m.items()}
+    with pytest.raises(train_lib.NonFiniteError, match=r"iteration 7\b.*'scaling': 3 non-finite entries of active "
+                       r"Gaussians.*no checkpoint had been written"):
+        train_lib.check_iteration(record, 7, config, _Ckpt(None))
+    with pytest.raises(train_lib.NonFiniteError, match=r"last good checkpoint is step 6 in /runs/x/checkpoints"):
+        train_lib.check_iteration(record, 7, config, _Ckpt(6))
+    with pytest.raises(train_lib.NonFiniteError, match=r"iteration 1\b: loss terms \[.*'loss_l1'"):
+        train_lib.check_iteration({k: np.asarray(v) for k, v in m_loss.items()}, 1, config, _Ckpt(None))
 
 
 def test_view_order_is_an_epochwise_permutation():
@@ -142,16 +190,22 @@ def _losses(workdir):
 
 
 def test_exact_continuation_after_kill(tiny, tmp_path):
-    """Uninterrupted 30 iterations == (run killed mid-way) + restore in a fresh process + the rest."""
+    """Uninterrupted 30 iterations == (run killed mid-way) + restore in a fresh process + the rest. Checkpoints every
+    7 iterations: the run resumes off a densify iteration (10, 15), so the restored densification statistics are
+    not zero and must carry over exactly; a gradient threshold near the tiny run's median makes densification
+    selective, so they matter (at the default 5e-5 every Gaussian is cloned or split, whatever the statistics)."""
     _, _, _, cache = tiny
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=30"), check=True, env=env, cwd=ROOT,
+    every = ("--config.checkpoint.every=7", "--config.densify.grad_threshold=1e-3")
+    subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=30", *every), check=True, env=env, cwd=ROOT,
                    capture_output=True)
     # A long run, SIGKILLed as soon as its first checkpoint has landed.
-    steps = _run_killed_after_first_checkpoint(_train_cmd(broken, cache, "--config.train.iterations=400"), broken, env)
+    steps = _run_killed_after_first_checkpoint(_train_cmd(broken, cache, "--config.train.iterations=400", *every),
+                                               broken, env)
     assert steps and steps[-1] < 30, f"the run was not interrupted mid-way (checkpoints {steps})"
-    subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=30", f"--config.resume={broken}"),
+    assert steps[-1] % 5 != 0, steps  # off a densify iteration: statistics accumulated since the last one
+    subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=30", f"--config.resume={broken}", *every),
                    check=True, env=env, cwd=ROOT, capture_output=True)
     a = np.load(straight / "export" / "gaussians.npz")
     b = np.load(broken / "export" / "gaussians.npz")
@@ -170,30 +224,34 @@ def test_unknown_config_key_fails(tiny, tmp_path):
     assert "no_such_key" in r.stderr
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tiny, tmp_path):
-    config, _, _, cache = tiny
+def test_non_finite_parameter_stops_the_run_naming_the_group(tiny, tmp_path, monkeypatch):
+    """One active Gaussian's scale is NaN from the start: the loss stays finite (the renderer drops it), but the run
+    stops at iteration 1 naming the group and the count, and writes no export or volume."""
+    _, _, _, cache = tiny
     config = r2_static.get_config("tiny")
     config.data.cache_dir = cache
-    config.loss.lambda_dssim = float("nan")
-    with pytest.raises(train_lib.NonFiniteLossError, match=r"iteration 1\b.*loss"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "nan"))
+    init = train_lib.init_state
+
+    def poisoned(*args):
+        state = init(*args)
+        return state.replace(params={**state.params, "scaling": state.params["scaling"].at[0].set(jnp.nan)})
+
+    monkeypatch.setattr(train_lib, "init_state", poisoned)
+    workdir = tmp_path / "nan"
+    with pytest.raises(train_lib.NonFiniteError, match=r"iteration 1\b.*'scaling': 3 non-finite entries.*no "
+                       r"checkpoint had been written"):
+        train_lib.train_and_evaluate(config, str(workdir))
+    assert not (workdir / "export").exists() and not (workdir / "volume.npy").exists()
 
 
-def test_pair_buffer_overflow_grows_and_redoes_the_iteration(tiny, tmp_path):
+def test_pair_buffer_overflow_grows_and_redoes_the_iteration(tiny_static_runs):
     """A too-small rasterizer pair buffer is detected, grown from count_pairs, and the run ends exactly
     where a run with an exact (dynamic) buffer ends."""
-    _, _, _, cache = tiny
-    results = []
-    for max_pairs in (64, 0):
-        config = r2_static.get_config("tiny")
-        config.data.cache_dir = cache
-        config.train.iterations = 4
-        config.render.max_pairs = max_pairs
-        workdir = tmp_path / f"mp{max_pairs}"
-        train_lib.train_and_evaluate(config, str(workdir))
-        results.append(np.load(workdir / "export" / "gaussians.npz"))
-    for k in results[0].files:
-        np.testing.assert_array_equal(results[0][k], results[1][k], err_msg=k)
+    runs = tiny_static_runs["runs"]
+    a, b = (np.load(runs[k] / "export" / "gaussians.npz") for k in ("mp64", "mp0"))
+    assert a.files == b.files
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_results_do_not_depend_on_iterations_per_call(tiny, tmp_path):

@@ -1,26 +1,82 @@
-"""Full-state checkpoints with orbax, for exact continuation.
+"""Full-state checkpoints with orbax, for exact continuation, verified when written and when read.
 
 A checkpoint stores the whole `TrainState` pytree plus a small JSON `meta` record (capacity of the
-Gaussian buffers, rasterizer pair capacity, the config) that is needed to rebuild an abstract target
-of the right shapes before restoring. Orbax writes each step into a temporary directory and renames it
-when complete, so a run killed mid-save leaves the previous checkpoint intact.
+Gaussian buffers, the config, ...) that is needed to rebuild an abstract target of the right shapes
+before restoring. Orbax writes each step into a temporary directory and renames it when complete, so a
+run killed mid-save leaves the previous checkpoint intact.
+
+What orbax does not do is check the array data it reads back: tensorstore's zarr shards carry a CRC of
+their index only, so a damaged file either fails deep inside tensorstore without naming the step, or
+(bytes flipped in place) restores silently wrong values. Hence:
+  * `meta["checksums"]` holds a BLAKE2 digest of every leaf of the state as it was in memory;
+  * `save` reads the step back through orbax (into host memory) and compares the digests before it returns;
+  * `restore` tries the newest step first; a step that fails to read or whose digests differ is reported
+    (step and reason) and the next older one is tried, so one damaged step never blocks a resume.
+Checkpoints written before the digests existed restore without that comparison.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+import time
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUM_KEY = "checksums"
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint could be restored, or a checkpoint did not read back as written (names the step)."""
+
+
+def leaf_checksums(tree: Any) -> dict:
+    """{leaf path: BLAKE2 hex digest of dtype, shape and bytes} of a pytree (fetched to host)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
+
+
+def _mismatch(expected: dict, tree: Any) -> Optional[str]:
+    got = leaf_checksums(tree)
+    bad = sorted(k for k in expected if got.get(k) != expected[k]) + sorted(set(got) - set(expected))
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"leaves {', '.join(bad[:3])}{more} differ from the checksums written with the checkpoint"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """A one-line reason: orbax/tensorstore errors span many lines (the first says what failed)."""
+    text = str(err).strip().splitlines()
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 class Checkpointer:
-    """Keeps the last `keep` full-state checkpoints under `<workdir>/checkpoints`."""
+    """Keeps the last `keep` full-state checkpoints under `<workdir>/checkpoints`.
 
-    def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    read_only: restore only (another run's checkpoints: nothing is created, written or deleted there).
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.damaged: list[tuple[int, str]] = []  # (step, reason) skipped by the last `restore`, newest first
+        if read_only:  # the values orbax would otherwise override with a warning
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                                   max_to_keep=None)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -29,21 +85,89 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Write step `step` and read it back: raises CheckpointError if it does not restore bit-exactly."""
+        host = jax.device_get(state)
+        checksums = leaf_checksums(host)
+        meta = {**meta, CHECKSUM_KEY: checksums}
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
+        # Read back through orbax into host arrays (numpy targets: no second copy on the accelerator).
+        try:
+            back = self._manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(host)))
+            problem = _mismatch(checksums, back["state"])
+        except Exception as err:  # noqa: BLE001 - any failure to read back is a bad write
+            problem = _reason(err)
+        if problem:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} did not read back as written: "
+                                  f"{problem}")
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
         step = self._resolve(step)
         return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore(self, template_fn: Callable[[dict], Any], step: Optional[int] = None):
-        """Restore (state, meta). `template_fn(meta)` builds a state of the right structure and shapes."""
-        step = self._resolve(step)
+        """Restore (state, meta). `template_fn(meta)` builds a state of the right structure and shapes.
+
+        step None: the newest step that restores intact; every damaged step tried before it is reported on
+        stderr and listed in `self.damaged`. An explicit step is tried alone. Raises FileNotFoundError when
+        there is no checkpoint (or not that step) and CheckpointError when none of the candidates is intact.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if int(step) not in steps:
+                raise FileNotFoundError(f"no checkpoint of step {int(step)} in {self.directory} "
+                                        f"(steps there: {sorted(steps)})")
+            candidates = [int(step)]
+        else:
+            candidates = sorted(steps, reverse=True)
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        self.damaged = []
+        for s in candidates:
+            try:
+                state, meta = self._restore_step(s, template_fn)
+            except Exception as err:  # noqa: BLE001 - whatever the damage, report it and try an older step
+                self.damaged.append((s, _reason(err)))
+                older = "; trying the next older one" if s != candidates[-1] else ""
+                print(f"checkpoint step {s} in {self.directory} is damaged ({self.damaged[-1][1]}){older}",
+                      file=sys.stderr)
+                continue
+            if self.damaged:
+                print(f"restored checkpoint step {s}, the newest intact one (damaged: "
+                      f"{', '.join(str(d) for d, _ in self.damaged)})", file=sys.stderr)
+            return state, meta
+        raise CheckpointError(f"no intact checkpoint in {self.directory}: "
+                              + "; ".join(f"step {s}: {r}" for s, r in self.damaged))
+
+    def _restore_step(self, step: int, template_fn):
         meta = self.restore_meta(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_fn(meta))
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        return restored["state"], meta
+        state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        if CHECKSUM_KEY in meta:
+            problem = _mismatch(meta[CHECKSUM_KEY], state)
+            if problem:
+                raise CheckpointError(problem)
+        return state, meta
+
+    def set_aside(self, steps) -> list[str]:
+        """Move damaged steps out of the way (to <workdir>/damaged_checkpoints/, never deleted) so that the run
+        can write those steps again; returns the new paths."""
+        moved = []
+        for s in steps:
+            src = os.path.join(self.directory, str(int(s)))
+            if not os.path.isdir(src):
+                continue
+            dest_dir = os.path.join(self.workdir, "damaged_checkpoints")
+            os.makedirs(dest_dir, exist_ok=True)
+            dest = os.path.join(dest_dir, f"{int(s)}-{time.strftime('%Y%m%d-%H%M%S')}")
+            n = 1
+            while os.path.exists(dest):
+                dest, n = f"{dest.rsplit('~', 1)[0]}~{n}", n + 1
+            os.rename(src, dest)
+            moved.append(dest)
+        self._manager.reload()  # orbax caches the step list
+        return moved
 
     def _resolve(self, step):
         step = self.latest_step() if step is None else int(step)

@@ -164,15 +164,16 @@ def load_run(workdir: str, data: Optional[str] = None, step: Optional[int] = Non
 
 
 def _load_checkpoint(workdir, config, case, case_path, model, step) -> Run:
-    from x2gs_jax.checkpoint import Checkpointer
+    from x2gs_jax.checkpoint import CheckpointError, Checkpointer
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise RunError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoints")
     points = initial_points(case_path, case, config)
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, read_only=True)  # the evaluator never writes into the run's checkpoints
     try:
+        # step None: the newest intact checkpoint (damaged newer ones are reported on stderr).
         state, meta = ckpt.restore(lambda m: template_state(config, case, points, model, m), step)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise RunError(str(err)) from err
     finally:
         ckpt.close()

@@ -1,16 +1,19 @@
 """The training loop behind `train.py`: data, initialisation, stages, densification, evaluation,
 logging and checkpoints. The per-iteration math is the jitted step of `train_step.py`.
 
-Run directory layout:
-  config.json          the resolved config
-  metrics.jsonl        one JSON record per logged iteration / evaluation
-  checkpoints/<step>/  orbax full-state checkpoints (exact continuation)
+Run directory layout (README "Run directories and recovery"):
+  config.json          the resolved config (config.before_resume_<step>.json: the one a resumed run replaced)
+  metrics.jsonl        one JSON record per logged iteration / evaluation (a `resume` record where a run continued)
+  checkpoints/<step>/  orbax full-state checkpoints (exact continuation), verified when written and read
+  damaged_checkpoints/ checkpoints that failed to restore, moved out of the way by a resume (never deleted)
   export/              inference export (Gaussians, field, period, config, scanner)
   volume.npy, volume.nii.gz (static) or volumes/ (4D)
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -22,27 +25,30 @@ from tqdm import tqdm
 
 from x2gs_jax import evaluation as E
 from x2gs_jax.checkpoint import Checkpointer
+from x2gs_jax.config_check import check_config, check_stages
 from x2gs_jax.data.naf import Case, init_path, load_case
 from x2gs_jax.data.prepare import initial_points, resolve_case_path
 from x2gs_jax.densify import DensifyStats
 from x2gs_jax.export import export_inference, save_outputs
 from x2gs_jax.fileio import atomic_write_bytes
-from x2gs_jax.models import make_model
+from x2gs_jax.models import ConfigError, make_model
 from x2gs_jax.models.static import StaticModel
+from x2gs_jax.run_dir import move_aside, plan_run_dir
 from x2gs_jax.run_log import PhaseTimer, RunLogger
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_state,
                                 scale_bound_from_config, template_state)
-from x2gs_jax.train_state import TrainState, gaussians_from_params
-from x2gs_jax.train_step import StepSettings, is_densify_iteration, make_multi_step, make_train_step, padded_length
+from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
+from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, is_densify_iteration, make_multi_step,
+                                 make_train_step, padded_length)
 
-__all__ = ["NonFiniteLossError", "StaticModel", "TrainData", "build_optimizer", "check_iteration", "chunk_end",
+__all__ = ["NonFiniteError", "StaticModel", "TrainData", "build_optimizer", "check_iteration", "chunk_end",
            "densify_step", "evaluate", "grow_state", "grown_capacity", "grown_pair_capacity", "init_state",
            "initial_points", "make_model", "resolve_case_path", "step_settings", "template_state",
            "train_and_evaluate", "view_index"]
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteError(FloatingPointError):
+    """A loss term or an updated parameter became NaN/inf (the message names the iteration, terms and groups)."""
 
 
 # --------------------------------------------------------------------------------- orchestration
@@ -86,10 +92,13 @@ def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[
     return max(needed, 2 * current) if current else needed
 
 
-def step_settings(config, scanner, stage: str, max_pairs) -> StepSettings:
+def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[int] = None) -> StepSettings:
+    """The static settings of a stage's step function; stage_end: its last iteration (default from the config:
+    coarse_iterations or iterations; the loop passes `iterations` for the one stage of a static model)."""
     lo, hi = scanner.bbox
     d = config.densify
-    stage_end = config.train.coarse_iterations if stage == "coarse" else config.train.iterations
+    if stage_end is None:
+        stage_end = config.train.coarse_iterations if stage == "coarse" else config.train.iterations
     return StepSettings(
         stage=stage, stage_end=int(stage_end), backend=config.render.backend, max_pairs=max_pairs,
         lambda_dssim=config.loss.lambda_dssim, lambda_tv=config.loss.lambda_tv, tv_n=config.loss.tv_vol_size,
@@ -136,40 +145,60 @@ def checkpoint_meta(state: TrainState, config, stage: str) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run (or resume) training as configured; returns the final evaluation report (without volumes)."""
+    """Run (or resume) training as configured; returns the final evaluation report (without volumes).
+
+    Before any work: the config is checked (`config_check`) and so is the run directory (`run_dir.plan_run_dir`:
+    a directory holding a run is refused unless config.resume names it or config.overwrite is set). Nothing is
+    written before the data, the model and the checkpoint to resume from have been loaded, and nothing at all when
+    the checkpoint already is at train.iterations (returns {})."""
     timer = PhaseTimer()
     t_phase = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    check_config(config)
+    mode = plan_run_dir(workdir, config.resume, bool(config.overwrite))
     # One-time data preparation (the embedded phantom, our FDK initialisation; both cached) is timed apart from
     # the setup, so a run's timing compares with the reference, which reads a prepared case.
     case_path = resolve_case_path(config)
     t_phase = timer.since("data_generation", t_phase)
     case = load_case(case_path)
     model = make_model(config, case)
+    check_stages(config, model.is_4d)
     t_init = time.perf_counter()
-    writes_init = not os.path.exists(init_path(case_path))
+    init_before = _mtime(init_path(case_path))
     points = initial_points(case_path, case, config)
-    if writes_init:
+    if _mtime(init_path(case_path)) != init_before:  # the FDK initialisation ran
         timer.add("data_generation", time.perf_counter() - t_init)
         t_phase += time.perf_counter() - t_init  # not part of the setup phase
-    data = TrainData(case)
-    sc = case.scanner
-    atomic_write_bytes(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2).encode())
-
-    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
-    resume_dir = config.resume
-    template = lambda meta: template_state(config, case, points, model, meta)
-    if resume_dir:
-        src = ckpt if os.path.abspath(resume_dir) == os.path.abspath(workdir) else Checkpointer(resume_dir)
-        state, meta = src.restore(template)
-        print(f"resumed from {src.directory} at step {int(state.step)}")
-    else:
-        state = init_state(config, case, points, model)
-    logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
-    timer.since("setup", t_phase)
 
     total = int(config.train.iterations)
-    coarse_end = min(int(config.train.coarse_iterations), total)
+    own = Checkpointer(workdir, keep=config.checkpoint.keep, read_only=True) if mode == "continue" else None
+    try:
+        state, damaged = _start_state(config, case, points, model, own)
+    finally:
+        if own is not None:
+            own.close()
+    if int(state.step) == total:
+        print(f"nothing to do: the checkpoint of {config.resume} is at step {total} = config.train.iterations; "
+              f"nothing was run or written (pass a larger --config.train.iterations to continue training)")
+        return {}
+
+    # From here on the run directory is written: the old run moved aside (overwrite), or continued in place.
+    if mode == "replace":
+        print(f"config.overwrite: moved the old run aside to {move_aside(workdir)}")
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(workdir, config, int(state.step) if mode == "continue" else None)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
+    if damaged:
+        moved = ckpt.set_aside([s for s, _ in damaged])
+        print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
+    data = TrainData(case)
+    sc = case.scanner
+    logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
+    if config.resume:
+        logger.write(int(state.step), {"damaged_steps": [s for s, _ in damaged]}, prefix="resume")
+    timer.since("setup", t_phase)
+
+    # Static models train in one stage (the reference R2); 4D models have 0 <= coarse_end < total (check_stages).
+    coarse_end = int(config.train.coarse_iterations) if model.is_4d else total
     # Pair buffer of the rasterizer: None = the backend's default (exact and dynamic for the reference
     # backend); grown from count_pairs whenever a step reports overflow.
     max_pairs = int(config.render.max_pairs) or None
@@ -187,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state = state.replace(opt_state=build_optimizer(config, state.params, model).init(state.params),
                                       stats=DensifyStats.zeros(state.capacity))
             stage_start = 1 if stage == "coarse" else coarse_end + 1
+            stage_end = coarse_end if stage == "coarse" else total
             end = chunk_end(it0, config, total, coarse_end)
             its = np.arange(it0, end + 1)
             # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
@@ -203,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
                 # compiled here, by jax-triton) and XLA's compilation.
                 t_start = time.perf_counter()
-                settings = step_settings(config, sc, stage, max_pairs)
+                settings = step_settings(config, sc, stage, max_pairs, stage_end)
                 opt = build_optimizer(config, state.params, model)
                 lowered = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0).lower(*args)
                 t_lowered = timer.since("trace_and_lower", t_start)
@@ -226,7 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 m = {name: v[k] for name, v in metrics.items()}
                 check_iteration(m, it, config, ckpt)
                 if it % config.log.every == 0 or it == 1:
-                    rec = {name: float(v) for name, v in m.items() if name not in ("overflow", "finite", "done")}
+                    rec = {name: float(v) for name, v in m.items()
+                           if name not in ("overflow", "finite", "done") and not name.startswith(NONFINITE_PREFIX)}
                     rec["step_time_s"] = dt
                     logger.write(it, rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
@@ -238,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 continue
             it = end
             t_phase = time.perf_counter()
-            if is_densify_iteration(it, step_settings(config, sc, stage, max_pairs)):
+            if is_densify_iteration(it, step_settings(config, sc, stage, max_pairs, stage_end)):
                 state, info = densify_step(state, config, sc, it, model)
                 jax.block_until_ready(state.active)
                 t_phase = timer.since("densify", t_phase)
@@ -288,13 +319,71 @@ def chunk_end(it0: int, config, total: int, coarse_end: int) -> int:
 
 
 def check_iteration(m: dict, it: int, config, ckpt) -> None:
-    """Stop loudly on a non-finite loss term or an impossible periodic shift (nothing bad is checkpointed)."""
+    """Stop loudly on a non-finite loss term or parameter, or an impossible periodic shift. Runs before anything of
+    the iteration's call is logged, evaluated or checkpointed, so the newest checkpoint (named when there is one)
+    holds finite values."""
     if not bool(m["finite"]):
-        bad = [k for k, v in m.items() if k.startswith("loss") and not np.isfinite(float(v))]
-        raise NonFiniteLossError(f"non-finite loss at iteration {it}: terms {bad}; the last good checkpoint "
-                                 f"is kept in {ckpt.directory}")
+        parts = []
+        bad_loss = [k for k, v in m.items() if k.startswith("loss") and not np.isfinite(float(v))]
+        if bad_loss:
+            parts.append(f"loss terms {bad_loss}")
+        for k, v in m.items():
+            if k.startswith(NONFINITE_PREFIX) and int(v) > 0:
+                group = k[len(NONFINITE_PREFIX):]
+                where = " of active Gaussians" if group in GAUSSIAN_KEYS else ""
+                parts.append(f"parameter group '{group}': {int(v)} non-finite entries{where}")
+        last = ckpt.latest_step()
+        kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else
+                f"no checkpoint had been written to {ckpt.directory}")
+        raise NonFiniteError(f"non-finite values at iteration {it}: {'; '.join(parts)}. Training stopped; nothing of "
+                             f"this iteration was saved; {kept}")
     if "period_shift_valid" in m and not bool(m["period_shift_valid"]):
         raise ValueError(f"iteration {it}: the learned period {float(m['period_s']):.3f} s leaves no "
                          f"periodic shift inside the {config.data.scan_s} s scan (T must be < scan/2)")
 
 
+def _mtime(path: str) -> Optional[int]:
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
+
+
+def _start_state(config, case, points, model, own: Optional[Checkpointer]) -> tuple[TrainState, list]:
+    """(the state before the first iteration to run, damaged checkpoint steps skipped (own run only)).
+
+    Fresh (no config.resume) or restored from the newest intact checkpoint of config.resume (`own`: the run's own
+    checkpoints, when it continues in place). Raises ConfigError for a resume that cannot work."""
+    total = int(config.train.iterations)
+    if not config.resume:
+        return init_state(config, case, points, model), []
+    src = own or Checkpointer(config.resume, read_only=True)
+    try:
+        state, _ = src.restore(lambda meta: template_state(config, case, points, model, meta))
+    except FileNotFoundError as err:
+        raise ConfigError(f"config.resume={config.resume!r}: {err} (nothing to resume; start a new run without "
+                          f"--config.resume)") from err
+    finally:
+        if src is not own:
+            src.close()
+    step = int(state.step)
+    if step > total:
+        raise ConfigError(f"config.train.iterations={total}: the checkpoint to resume ({src.directory}) is at step "
+                          f"{step}; allowed: train.iterations >= {step} (a run does not go back)")
+    print(f"resumed from {src.directory} at step {step}")
+    return state, (list(src.damaged) if own is not None else [])
+
+
+def _write_config(workdir: str, config, resumed_at: Optional[int]) -> None:
+    """config.json of the run; when a run continues with other settings, the previous file is kept beside it as
+    config.before_resume_<step>.json (resume/overwrite themselves do not count as a change)."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2)
+    if resumed_at is not None and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        strip = lambda c: {k: v for k, v in c.items() if k not in ("resume", "overwrite")}  # noqa: E731
+        if strip(old) != strip(json.loads(text)):
+            keep, n = os.path.join(workdir, f"config.before_resume_{resumed_at}.json"), 1
+            while os.path.exists(keep):
+                keep, n = os.path.join(workdir, f"config.before_resume_{resumed_at}~{n}.json"), n + 1
+            os.rename(path, keep)
+            print(f"the resumed run's config differs from {path}: the previous one is kept as {keep}")
+    atomic_write_bytes(path, text.encode())

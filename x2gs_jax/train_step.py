@@ -8,6 +8,8 @@ steps (it may change buffer capacities, which happens outside jit).
 Iteration numbering follows the reference: the step performs iteration `it = state.step + 1` (1-based).
 Gates (x2gaussian.md §9): Gaussian attributes are not updated on a densify iteration; no group steps on
 the last iteration of a stage; the model decides when its own groups (field, period) start.
+Guard: metrics["finite"] is False when a loss term or an updated parameter is not finite (Gaussian groups on active
+slots, every other parameter key in full); metrics["nonfinite_<key>"] counts the bad entries of each key.
 """
 from __future__ import annotations
 
@@ -142,11 +144,34 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         metrics = dict(metrics)
         metrics["overflow"] = overflow
         metrics["num_gaussians"] = jnp.sum(state.active.astype(jnp.int32))
-        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for k, v in metrics.items()
-                                               if k.startswith("loss")]))
+        # The guard: loss terms and the updated parameters. The renderer drops a Gaussian with a NaN attribute, so
+        # the loss alone can stay finite while the parameters (and the export) are lost.
+        bad = nonfinite_counts(params, state.active)
+        metrics.update({NONFINITE_PREFIX + k: n for k, n in bad.items()})
+        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for k, v in metrics.items() if k.startswith("loss")]
+                                              + [n == 0 for n in bad.values()]))
         return new_state, metrics
 
     return step
+
+
+NONFINITE_PREFIX = "nonfinite_"  # metrics["nonfinite_<key>"]: non-finite entries of params[<key>] after the step
+
+
+def nonfinite_counts(params: Mapping[str, Any], active) -> dict:
+    """{top-level parameter key: number of non-finite entries} (int32 scalars, traceable).
+
+    The Gaussian groups count active slots only (free slots may hold stale values that are never rendered); every
+    other key (X2's field and period, PhysX's anchor_net, whatever a model adds) counts all its float leaves."""
+    out = {}
+    for k, v in params.items():
+        if k in GAUSSIAN_KEYS:
+            bad = ~jnp.isfinite(v).reshape(v.shape[0], -1) & active[:, None]
+            out[k] = jnp.sum(bad, dtype=jnp.int32)
+        else:
+            leaves = [x for x in jax.tree.leaves(v) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+            out[k] = sum((jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves), jnp.zeros((), jnp.int32))
+    return out
 
 
 def make_multi_step(step: Callable) -> Callable:

@@ -1,22 +1,26 @@
 """Preparing a case for training or evaluation: the case file (or the embedded phantom, generated once and cached)
-and the initial point cloud beside it. Shared by the trainer and the evaluator."""
+and the initial point cloud beside it, with a record of what it was made from. Shared by the trainer and the
+evaluator."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import ml_collections
 import numpy as np
 
-from x2gs_jax.data.naf import Case, init_path
-from x2gs_jax.fileio import atomic_save_npy
+from x2gs_jax.data.naf import Case, DataError, init_path
+from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes
 from x2gs_jax.gaussians import load_init_points
 
 
 def resolve_case_path(config: ml_collections.ConfigDict) -> str:
     """The case to train on: config.data.path, or the embedded phantom (generated once and cached)."""
     if config.data.path:
-        if not os.path.exists(config.data.path):
-            raise FileNotFoundError(f"config.data.path: no such file {config.data.path!r}")
+        if not os.path.isfile(config.data.path):
+            raise DataError(f"config.data.path={config.data.path!r}: no such file (a NAF/X2GS case pickle; empty = "
+                            f"the embedded phantom)")
         return config.data.path
     from x2gs_jax.data.generate import generate_case
 
@@ -35,15 +39,69 @@ def resolve_case_path(config: ml_collections.ConfigDict) -> str:
     return path
 
 
-def initial_points(case_path: str, case: Case, config) -> np.ndarray:
-    """init_<stem>.npy beside the pickle when present (X2GS ships them), else our FDK init writes it."""
-    path = init_path(case_path)
-    if not os.path.exists(path):
-        from x2gs_jax.ct.init_pcd import init_points
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
-        c = config.data.init
-        pts = init_points(case, n_points=c.n_points, density_thresh=c.density_thresh,
-                          density_rescale=c.density_rescale, method=c.method, seed=c.seed)
-        atomic_save_npy(path, pts)
-        print(f"wrote initial point cloud {path} ({len(pts)} points)")
+
+def init_record_path(case_path: str) -> str:
+    """`init_<stem>.json` beside `init_<stem>.npy`: what the trainer made the point cloud from."""
+    return os.path.splitext(init_path(case_path))[0] + ".json"
+
+
+def init_record(case_path: str, config) -> dict:
+    """The inputs of the initial point cloud: the case file's content and the config's data.init settings."""
+    return {"case_file": os.path.basename(case_path), "case_sha256": file_sha256(case_path),
+            "init": config.data.init.to_dict()}
+
+
+def _stale_reason(record_path: str, points_path: str, want: dict) -> str | None:
+    """Why the recorded point cloud does not fit `want` (None: it does)."""
+    try:
+        with open(record_path) as f:
+            have = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"its record {record_path} is unreadable ({err})"
+    if have.get("points_sha256") != file_sha256(points_path):
+        return "the point cloud file changed since it was made"
+    if have.get("case_sha256") != want["case_sha256"]:
+        return f"the case file {want['case_file']} changed since"
+    if have.get("init") != want["init"]:
+        changed = sorted(k for k in set(want["init"]) | set(have.get("init") or {})
+                         if (have.get("init") or {}).get(k) != want["init"].get(k))
+        return "data.init." + ", data.init.".join(changed) + " changed since"
+    return None
+
+
+def initial_points(case_path: str, case: Case, config) -> np.ndarray:
+    """The initial points of a case: `init_<stem>.npy` beside the pickle.
+
+    A file the trainer made is reused only while its record (`init_<stem>.json`: case file hash, data.init
+    settings, the points file's own hash) matches the case and the config, and is made again otherwise, saying
+    why. A file without a record (shipped with the case, as X2GS does, or written by `python -m
+    x2gs_jax.ct.init_pcd`) is the user's: it is used as it is, and said so."""
+    path, record_path = init_path(case_path), init_record_path(case_path)
+    if os.path.exists(path) and not os.path.exists(record_path):
+        print(f"using the initial point cloud {path} as given (no record of what it was made from: data.init "
+              f"settings do not apply; delete it to have it made from them)")
+        return load_init_points(path)
+    want = init_record(case_path, config)
+    if os.path.exists(path):
+        reason = _stale_reason(record_path, path, want)
+        if reason is None:
+            return load_init_points(path)
+        print(f"making the initial point cloud {path} again: {reason}")
+        os.remove(record_path)  # a crash below must not leave the old record beside new points
+    from x2gs_jax.ct.init_pcd import init_points
+
+    c = config.data.init
+    pts = init_points(case, n_points=c.n_points, density_thresh=c.density_thresh,
+                      density_rescale=c.density_rescale, method=c.method, seed=c.seed)
+    atomic_save_npy(path, pts)
+    want["points_sha256"] = file_sha256(path)
+    atomic_write_bytes(record_path, json.dumps(want, indent=2).encode())
+    print(f"wrote initial point cloud {path} ({len(pts)} points) and its record {record_path}")
     return load_init_points(path)
