@@ -52,6 +52,10 @@ def test_metrics_json(run):
     assert "tidal_amplitude_gt_ml" in m and m["tidal_amplitude_gt_ml"] > 0
     # The coarse model does not move: a flat curve has no period (reported as such, not as a number).
     assert m["tidal_amplitude_ml"] == 0 and m["tidal_period_s"] is None and "flat" in m["tidal_period_error"]
+    assert m["tidal_swing_ml"] == 0 and m["tidal_mean_ml"] > 0
+    # Default segmentation: per-volume thresholds, reported (in the volume's units) beside the flags' values.
+    assert m["lung_threshold_mode"] == "auto" and m["lung_threshold"] is None
+    assert 0 < m["lung_threshold_used_min"] <= m["lung_threshold_used_median"] <= m["lung_threshold_used_max"]
 
 
 def test_tidal_csv_and_pictures(run):
