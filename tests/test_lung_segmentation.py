@@ -25,13 +25,16 @@ STATES = (0.0, 0.2, 0.45, 0.7, 0.9, 1.0)  # anatomy B breathing states
 # --------------------------------------------------------------------------------------- dense primitives
 def test_label_components_match_scipy():
     """Two random masks of a non-cubic grid, labelled in one vmapped call: the same partition as scipy's 3D
-    face-connected labelling, each component labelled 1 + its largest flat index; the size rule likewise
-    (`largest_component` is the body rule, tested on the couch below)."""
+    face-connected labelling, each component labelled 1 + its largest flat index, with either scan (the
+    accelerators' associative one and the CPU's sequential one); the size rule likewise (`largest_component` is
+    the body rule, tested on the couch below)."""
     shape = (33, 20, 17)
     rng = np.random.default_rng(0)
     masks = np.stack([rng.random(shape) < p for p in (0.45, 0.6)])
-    fns = jax.jit(jax.vmap(lambda m: (seg.label_components(m), seg.large_components(m, 0.3))))
-    labs, larges = (np.asarray(x) for x in fns(jnp.asarray(masks)))
+    fns = jax.jit(jax.vmap(lambda m: (seg.label_components(m, "sequential"), seg.large_components(m, 0.3),
+                                      seg.label_components(m, "associative"))))
+    labs, larges, labs_assoc = (np.asarray(x) for x in fns(jnp.asarray(masks)))
+    np.testing.assert_array_equal(labs_assoc, labs)
     flat = np.arange(masks[0].size).reshape(shape)
     for m, lab, large in zip(masks, labs, larges):
         ref, k = ndimage.label(m)
@@ -44,7 +47,8 @@ def test_label_components_match_scipy():
 
 def test_inplane_border_fill_matches_scipy():
     m = np.random.default_rng(1).random((20, 24, 6)) < 0.62
-    got = np.asarray(seg.inplane_border_fill(jnp.asarray(m)))
+    got = np.asarray(seg.inplane_border_fill(jnp.asarray(m), "sequential"))
+    np.testing.assert_array_equal(np.asarray(seg.inplane_border_fill(jnp.asarray(m), "associative")), got)
     want = np.zeros_like(m)
     for z in range(m.shape[2]):
         ref, _ = ndimage.label(m[:, :, z])  # 2D 4-connectivity
