@@ -134,3 +134,15 @@ def test_cycle_metrics_against_the_phantom(run):
         r.case, meta={k: v for k, v in r.case.meta.items() if k != "generator"}))
     with pytest.raises(ValueError, match="no generator record"):
         eval_lib.cycle_metrics(no_gen, [1], chunk=4, progress=False)
+
+
+def test_tidal_curve_manual_threshold(run):
+    """--lung_threshold overrides the per-volume thresholds: every time uses it, and the metrics say so."""
+    _, workdir, m = run
+    r = eval_lib.load_run(workdir)
+    c = eval_lib.tidal_curve(r, 8, lung_threshold=0.285, chunk=4, progress=False)
+    assert c["lung_threshold_mode"] == "manual" and c["lung_threshold"] == 0.285
+    assert c["lung_threshold_used_min"] == c["lung_threshold_used_max"] == pytest.approx(0.285)
+    assert m["lung_threshold_used_median"] != pytest.approx(0.285)  # the default run chose its own
+    assert c["lung_volume_ml"].shape == (8,) and np.all(c["lung_volume_ml"] >= 0)
+    assert c["tidal_swing_ml"] == 0  # the coarse model does not move
