@@ -22,9 +22,14 @@ _NO_PICS = flags.DEFINE_bool("no_pictures", False, "Do not write PNG/GIF picture
 _EXPORT = flags.DEFINE_list("export_times", [], "Normalised times (seconds / scan length, the pickle's `time`) whose "
                             "volumes are written as .npy and .nii.gz (3D runs: the volume is always written).")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Compute the static FDK and phase-binned 4D-FDK baselines.")
-_LUNG = flags.DEFINE_float("lung_threshold", tidal.LUNG_THRESHOLD, "Lung segmentation: air is mu below this "
-                           "(normalised GT units).")
-_ERODE = flags.DEFINE_integer("erode_voxels", tidal.ERODE_VOXELS, "Lung segmentation: erosion of the body mask (voxels).")
+_LUNG = flags.DEFINE_float("lung_threshold", None, "Lung segmentation: a fixed air threshold (mu below it is air, in "
+                           "the volume's units) for the body and the lungs. Default: chosen per volume from its own "
+                           "histogram (midpoint of the lung and soft-tissue peaks; see x2gs_jax/tidal.py).")
+_ERODE = flags.DEFINE_integer("erode_voxels", tidal.ERODE_VOXELS, "Lung segmentation: erosion of the body mask before "
+                              "taking the air inside it (voxels; drops the skin's partial-volume rim).", lower_bound=0)
+_MIN_COMP = flags.DEFINE_float("lung_min_component", tidal.MIN_COMPONENT_FRACTION, "Lung segmentation: keep air "
+                               "components inside the body holding at least this fraction of the largest one "
+                               "(0 keeps every air voxel).", lower_bound=0.0, upper_bound=1.0)
 _CHUNK = flags.DEFINE_integer("chunk", 8, "Times per vmapped volume query (memory vs speed).")
 _GIF = flags.DEFINE_integer("gif_frames", 12, "Frames of the breathing GIF (one learned period).")
 _VIEWS = flags.DEFINE_integer("proj_views", 4, "Val views in projections.png.")
@@ -50,7 +55,8 @@ def main(argv):
         eval_lib.evaluate_run(_WORKDIR.value, data=_DATA.value, step=_STEP.value, tidal_points=_TIDAL.value,
                               pictures=not _NO_PICS.value, export_times=times, baselines=_BASELINES.value,
                               lung_threshold=_LUNG.value, erode_voxels=_ERODE.value, chunk=_CHUNK.value,
-                              gif_frames=_GIF.value, proj_views=_VIEWS.value, cycles=cycles)
+                              gif_frames=_GIF.value, proj_views=_VIEWS.value, cycles=cycles,
+                              min_component_fraction=_MIN_COMP.value)
     except (eval_lib.RunError, eval_lib.MismatchError, DataError) as err:
         # A missing/damaged run or data of another case: the message names the file (no traceback).
         raise app.UsageError(str(err)) from err

@@ -61,24 +61,27 @@ def main():
     ap.add_argument("--points", type=int, default=600)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lung_threshold", type=float, default=None,
+                    help="fixed air threshold (default: the automatic per-volume segmentation)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     run = run_from_config(args.config, args.cache) if args.config else eval_lib.load_run(args.workdir)
     if not run.is_4d:
         raise SystemExit("bench/tidal.py: the run is not a 4D model")
     t0 = time.perf_counter()
-    curve = eval_lib.tidal_curve(run, args.points, chunk=args.chunk, progress=False)
+    curve = eval_lib.tidal_curve(run, args.points, args.lung_threshold, chunk=args.chunk, progress=False)
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        eval_lib.tidal_curve(run, args.points, chunk=args.chunk, progress=False)
+        eval_lib.tidal_curve(run, args.points, args.lung_threshold, chunk=args.chunk, progress=False)
         times.append(time.perf_counter() - t0)
     out = {"source": args.config or args.workdir, "grid": list(run.case.scanner.n_voxel),
            "gaussians": int(np.sum(run.active)), "points": args.points, "chunk": args.chunk,
            "first_s": first, "median_s": statistics.median(times) if times else None, "repeats": args.repeats,
            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-           "period_s_curve": curve.get("tidal_period_s")}
+           "period_s_curve": curve.get("tidal_period_s"), "lung_threshold": args.lung_threshold,
+           "lung_threshold_used_median": curve.get("lung_threshold_used_median")}
     print(json.dumps(out))
     if args.json:
         with open(args.json, "w") as f:

@@ -65,6 +65,12 @@ def test_metrics_json(run):
     assert m["period_gt_s"] == 3.0
     # The phantom case: the GT curve is known, so the agreement keys are reported.
     assert "tidal_amplitude_gt_ml" in m and m["tidal_amplitude_gt_ml"] > 0
+    # The curve of a barely trained field: reported (a period only when the curve is not flat), lungs found.
+    assert m["tidal_amplitude_ml"] >= m["tidal_swing_ml"] >= 0 and m["tidal_mean_ml"] > 0
+    assert (m["tidal_period_s"] is None) == ("tidal_period_error" in m)
+    # Default segmentation: per-volume thresholds, reported (in the volume's units) beside the flags' values.
+    assert m["lung_threshold_mode"] == "auto" and m["lung_threshold"] is None
+    assert 0 < m["lung_threshold_used_min"] <= m["lung_threshold_used_median"] <= m["lung_threshold_used_max"]
 
 
 def test_schedule_follows_the_reference_rules(run):
@@ -185,3 +191,15 @@ def test_cycle_metrics_against_the_phantom(run):
         r.case, meta={k: v for k, v in r.case.meta.items() if k != "generator"}))
     with pytest.raises(ValueError, match="no generator record"):
         eval_lib.cycle_metrics(no_gen, [1], chunk=4, progress=False)
+
+
+def test_tidal_curve_manual_threshold(run):
+    """--lung_threshold overrides the per-volume thresholds: every time uses it, and the metrics say so."""
+    _, workdir, m = run
+    r = eval_lib.load_run(workdir)
+    c = eval_lib.tidal_curve(r, 8, lung_threshold=0.285, chunk=4, progress=False)
+    assert c["lung_threshold_mode"] == "manual" and c["lung_threshold"] == 0.285
+    assert c["lung_threshold_used_min"] == c["lung_threshold_used_max"] == pytest.approx(0.285)
+    assert m["lung_threshold_used_median"] != pytest.approx(0.285)  # the default run chose its own
+    assert c["lung_volume_ml"].shape == (8,) and np.all(c["lung_volume_ml"] >= 0)
+    assert c["tidal_swing_ml"] == 0  # the coarse model does not move

@@ -29,9 +29,10 @@ def cloud_with_duplicates(seed, n=300):
 
 
 @pytest.mark.parametrize("k,chunk", [(3, None), (3, 37), (1, 64), (5, 300)])
-def test_knn_matches_brute_force(k, chunk):
+@pytest.mark.parametrize("method", ["brute", "kdtree"])
+def test_knn_matches_brute_force(k, chunk, method):
     p = cloud_with_duplicates(k)
-    got = np.asarray(knn_mean_sq_dist(p, k=k, chunk=chunk))
+    got = np.asarray(knn_mean_sq_dist(p, k=k, chunk=chunk, method=method))
     want = brute_knn(p, k)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9)
     if k == 3:
@@ -39,11 +40,39 @@ def test_knn_matches_brute_force(k, chunk):
         assert got[20] == pytest.approx(want[20], rel=1e-5) and got[20] > 0  # self excluded exactly once
 
 
+def test_knn_kdtree_equals_jax_brute_force_with_ties():
+    """The CPU path (cKDTree) against the jax brute force on a lattice (many exactly tied distances) with
+    duplicated points: the same values to 1 ulp (the mean's rounding), and "auto" picks the tree on a CPU."""
+    g = np.arange(6, dtype=np.float32) * 0.25
+    p = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    p = np.concatenate([p, p[:7], p[100:101], p[100:101]])  # pairs and a triple of coincident points
+    for k in (1, 3, 6):
+        tree = np.asarray(knn_mean_sq_dist(p, k=k, method="kdtree"))
+        brute = np.asarray(knn_mean_sq_dist(p, k=k, method="brute"))
+        np.testing.assert_allclose(tree, brute, rtol=2.5e-7, atol=0)
+        h2 = np.float32(0.25) ** 2  # the lattice spacing squared: six tied neighbours of an interior point
+        assert tree[50] == pytest.approx(h2, rel=1e-6)  # any k of its six tied neighbours give the same mean
+        if k == 1:  # a duplicated point's nearest other point is its copy, at 0
+            assert np.all(tree[:7] == 0) and np.all(tree[216:223] == 0) and tree[100] == 0
+        if k == 3:  # the triple: two copies at 0 and one lattice neighbour (itself excluded once, not its copies)
+            assert tree[100] == pytest.approx(h2 / 3, rel=1e-6)
+            assert tree[216] == pytest.approx(2 * h2 / 3, rel=1e-6)
+    if jax.default_backend() == "cpu":
+        auto = np.asarray(knn_mean_sq_dist(p, k=3))
+        np.testing.assert_array_equal(auto, np.asarray(knn_mean_sq_dist(p, k=3, method="kdtree")))
+
+
 def test_knn_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[N, 3\]"):
         knn_mean_sq_dist(np.zeros((5, 4)))
     with pytest.raises(ValueError, match="N > k"):
         knn_mean_sq_dist(np.zeros((3, 3)), k=3)
+    with pytest.raises(ValueError, match="method"):
+        knn_mean_sq_dist(np.zeros((5, 3)), method="ball")
+    bad = np.zeros((5, 3))
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        knn_mean_sq_dist(bad, method="kdtree")
 
 
 @pytest.mark.parametrize("bound", [None, (0.001, 1.0)], ids=["x2_exp", "r2_bounded"])

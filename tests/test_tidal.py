@@ -1,9 +1,10 @@
-"""Tidal pipeline: lung segmentation of the analytic phantom vs its closed-form lung + airway volume,
-and the dominant-period estimator on synthetic and phantom-shaped signals."""
-import jax
+"""Tidal pipeline: lung segmentation of the analytic phantom vs its closed-form lung + airway volume, the
+dominant-period and swing estimators on synthetic and phantom-shaped signals, the figure's title. (The
+segmentation on a second anatomy, other units and noise: tests/test_lung_segmentation.py.)"""
 import numpy as np
 import pytest
 
+import lung_cases as L
 from x2gs_jax import tidal
 from x2gs_jax.data.breathing import BreathingSignal
 from x2gs_jax.data.generate import geometry_mm
@@ -17,29 +18,30 @@ def phantom_scanner():
     return ThoraxPhantom.default(BreathingSignal(period_s=3.0)), scanner
 
 
-@pytest.mark.parametrize("t_s", [0.0, 1.5])  # end-exhale and end-inhale
-def test_lung_volume_matches_closed_form(phantom_scanner, t_s):
+def test_lung_volume_matches_closed_form(phantom_scanner):
+    """End-exhale and end-inhale (0 and 1.5 s), default (automatic) segmentation of the exact voxelisation with 3^3
+    sub-points (the generator's default; with 2^3, every half-lung voxel lies exactly on the midpoint threshold)."""
     ph, sc = phantom_scanner
-    t = t_s / ph.scan_s
-    vol = ph.volume_at(t, sc, supersample=2)
-    got = float(jax.jit(lambda v: tidal.lung_volume_ml(v, sc.d_voxel_mm))(vol))
-    want = ph.lung_volume_ml(t, sc) + ph.airway_volume_ml(sc)
-    assert abs(got - want) / want < 0.02, (got, want)
-    # The image-derived body mask agrees with the phantom's own outline (apart from the skin rim).
-    body = np.asarray(tidal.body_mask(vol))
-    true_body = ph.body_mask(t, sc)
-    inner = np.asarray(tidal.erode(true_body, 1))
-    outer = ~np.asarray(tidal.erode(~true_body, 1))
-    assert np.all(body[inner]) and not np.any(body[~outer])  # differs on the one-voxel rim at most
-    # Lungs are strictly inside the body and not empty.
-    lungs = np.asarray(tidal.lung_mask(vol))
-    assert lungs.sum() > 100 and not np.any(lungs & ~true_body)
+    ts = np.array([0.0, 1.5]) / ph.scan_s
+    vols = np.stack([ph.volume_at(float(t), sc, supersample=3) for t in ts])
+    lungs, body, _ = L.segment(vols)
+    got, _ = L.lung_ml(vols, sc.d_voxel_mm)
+    for i, t in enumerate(ts):
+        want = ph.lung_volume_ml(t, sc) + ph.airway_volume_ml(sc)
+        assert abs(got[i] - want) / want < 0.02, (got[i], want)
+        # The image-derived body mask agrees with the phantom's own outline (apart from the skin rim).
+        true_body = ph.body_mask(t, sc)
+        inner = np.asarray(tidal.erode(true_body, 1))
+        outer = ~np.asarray(tidal.erode(~true_body, 1))
+        assert np.all(body[i][inner]) and not np.any(body[i][~outer])  # differs on the one-voxel rim at most
+        # Lungs are strictly inside the body and not empty.
+        assert lungs[i].sum() > 100 and not np.any(lungs[i] & ~true_body)
 
 
 def test_inhale_bigger_than_exhale(phantom_scanner):
     ph, sc = phantom_scanner
-    f = jax.jit(lambda v: tidal.lung_volume_ml(v, sc.d_voxel_mm))
-    v0, v1 = (float(f(ph.volume_at(s / ph.scan_s, sc, supersample=1))) for s in (0.0, 1.5))
+    vols = np.stack([ph.volume_at(s / ph.scan_s, sc, supersample=1) for s in (0.0, 1.5)])
+    (v0, v1), _ = L.lung_ml(vols, sc.d_voxel_mm)
     d_true = ph.lung_volume_ml(1.5 / ph.scan_s, sc) - ph.lung_volume_ml(0.0, sc)
     assert d_true > 0
     assert abs((v1 - v0) - d_true) / d_true < 0.25  # the tidal swing itself, at 48^3
@@ -69,6 +71,27 @@ def test_period_of_phantom_lung_curve(phantom_scanner):
     assert tidal.dominant_period(t_s, curve) == pytest.approx(3.0, rel=0.01)
     r = tidal.curve_agreement(curve + 1.0, curve)
     assert r["tidal_corr"] == pytest.approx(1.0) and r["tidal_amplitude_rel_error"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cycle_swing():
+    t = np.arange(600) * 0.1  # 60 s, 20 cycles of 3 s with swings 100 mL, except one deep breath of 300 mL
+    amp = np.full(600, 100.0)
+    amp[300:330] = 300.0
+    x = 2000 + amp * np.sin(np.pi * t / 3.0) ** 2
+    assert tidal.cycle_swing(t, x, 3.0) == pytest.approx(100.0, rel=1e-3)  # median over cycles
+    assert np.ptp(x) == pytest.approx(300.0, rel=1e-3)  # what the whole record's peak-to-peak would say
+    assert tidal.cycle_swing(t, x, None) == pytest.approx(np.ptp(x))  # no period: the whole record
+    assert tidal.cycle_swing(t, x, 120.0) == pytest.approx(np.ptp(x))  # no whole window fits
+
+
+def test_curve_title():
+    c = {"tidal_period_s": 3.0012, "tidal_swing_ml": 236.6, "tidal_mean_ml": 1601.2, "lung_threshold_mode": "auto",
+         "lung_threshold_used_median": 0.2861, "lung_threshold": None}
+    s = tidal.curve_title(c)
+    assert "3.001 s" in s and "237 mL" in s and "1601 mL" in s and "auto" in s and "0.2861" in s
+    c.update(tidal_period_s=None, lung_threshold_mode="manual", lung_threshold=0.285)
+    s = tidal.curve_title(c)
+    assert "period -" in s and "0.285 (manual)" in s and "auto" not in s
 
 
 def test_period_errors():

@@ -213,10 +213,13 @@ def volume_batched(run: Run) -> Callable:
     return jax.jit(jax.vmap(volume_at(run), in_axes=(None, 0)))
 
 
-def lung_ml_batched(run: Run, lung_threshold: float, erode_voxels: int) -> Callable:
-    """(params, t [n]) -> lung volume (mL) [n]; volumes are segmented on device, never stored."""
+def lung_ml_batched(run: Run, lung_threshold: Optional[float] = None, erode_voxels: int = tidal.ERODE_VOXELS,
+                    min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> Callable:
+    """(params, t [n]) -> [n, 2]: per time, the lung volume (mL) and the air threshold used (volume units; the
+    per-volume automatic one when lung_threshold is None). Volumes are segmented on device, never stored."""
     vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
-    one = lambda p, t: tidal.lung_volume_ml(vol(p, t), mm, lung_threshold, erode_voxels)
+    one = lambda p, t: jnp.stack(tidal.lung_measure(vol(p, t), mm, lung_threshold, erode_voxels,
+                                                    min_component_fraction))
     return jax.jit(jax.vmap(one, in_axes=(None, 0)))
 
 
@@ -322,22 +325,33 @@ def fdk_baselines(case: Case, n_phases: Optional[int] = None, progress: bool = T
     return out
 
 
-def tidal_curve(run: Run, n_points: int = 600, lung_threshold: float = tidal.LUNG_THRESHOLD,
-                erode_voxels: int = tidal.ERODE_VOXELS, chunk: int = 8, progress: bool = True) -> dict:
-    """Lung volume on `n_points` uniform times over the whole scan, its period and (phantom) GT agreement."""
+def tidal_curve(run: Run, n_points: int = 600, lung_threshold: Optional[float] = None,
+                erode_voxels: int = tidal.ERODE_VOXELS, chunk: int = 8, progress: bool = True,
+                min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> dict:
+    """Lung volume on `n_points` uniform times over the whole scan, its dominant period, its swing per cycle and
+    mean, the thresholds the segmentation used, and (phantom) the agreement with the exact curve.
+
+    lung_threshold: None = per-volume automatic thresholds (`tidal.segment_lungs`); a number overrides them.
+    """
     scan_s = float(run.config.data.scan_s)
     times = np.arange(n_points) / n_points  # normalised, [0, 1)
-    ml = map_times(lung_ml_batched(run, lung_threshold, erode_voxels), run.query_params, times, chunk,
-                   desc="tidal curve", progress=progress)
+    res = map_times(lung_ml_batched(run, lung_threshold, erode_voxels, min_component_fraction), run.query_params,
+                    times, chunk, desc="tidal curve", progress=progress)
+    ml, thr = res[:, 0].astype(np.float64), res[:, 1].astype(np.float64)
     t_s = times * scan_s
-    out = {"t_s": t_s, "lung_volume_ml": ml.astype(np.float64), "tidal_points": int(n_points),
-           "lung_threshold": float(lung_threshold), "erode_voxels": int(erode_voxels)}
+    out = {"t_s": t_s, "lung_volume_ml": ml, "tidal_points": int(n_points),
+           "lung_threshold_mode": "auto" if lung_threshold is None else "manual",
+           "lung_threshold": None if lung_threshold is None else float(lung_threshold),
+           "lung_threshold_used_median": float(np.median(thr)), "lung_threshold_used_min": float(np.min(thr)),
+           "lung_threshold_used_max": float(np.max(thr)), "erode_voxels": int(erode_voxels),
+           "min_component_fraction": float(min_component_fraction), "tidal_mean_ml": float(np.mean(ml))}
     try:
         if not np.ptp(ml) > 0:
             raise ValueError("the lung-volume curve is flat (no breathing motion)")
         out["tidal_period_s"] = tidal.dominant_period(t_s, ml)
     except ValueError as err:
         out["tidal_period_s"], out["tidal_period_error"] = None, str(err)
+    out["tidal_swing_ml"] = tidal.cycle_swing(t_s, ml, out["tidal_period_s"])
     breathing = tidal.phantom_breathing_from_meta(run.case.meta)
     if breathing is not None:
         gt = tidal.phantom_gt_curve_ml(breathing, times, run.case.scanner)
@@ -402,6 +416,11 @@ def format_table(m: dict) -> str:
                      + f"tidal-curve {f('tidal_period_s')} s")
     for c, pv, sv in zip(m.get("cycles", ()), m.get("psnr_3d_by_cycle", ()), m.get("ssim_3d_by_cycle", ())):
         lines.append(f"{'model, cycle ' + str(c):24s}{pv:>10.2f}{sv:>10.3f}")
+    if m.get("tidal_swing_ml") is not None:
+        thr = (f"auto (median {f('lung_threshold_used_median', '{:.4g}')})" if m.get("lung_threshold_mode") == "auto"
+               else f('lung_threshold', '{:.4g}'))
+        lines.append(f"tidal curve: period {f('tidal_period_s')} s, swing {f('tidal_swing_ml', '{:.1f}')} mL per "
+                     f"cycle, mean {f('tidal_mean_ml', '{:.1f}')} mL, air threshold {thr}")
     if "tidal_corr" in m:
         lines.append(f"tidal curve vs phantom: corr {f('tidal_corr')}, amplitude {f('tidal_amplitude_ml', '{:.1f}')} "
                      f"mL vs {f('tidal_amplitude_gt_ml', '{:.1f}')} mL")
@@ -410,11 +429,12 @@ def format_table(m: dict) -> str:
 
 def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None, tidal_points: int = 600,
                  pictures: bool = True, export_times: Sequence[float] = (), baselines: bool = True,
-                 lung_threshold: float = tidal.LUNG_THRESHOLD, erode_voxels: int = tidal.ERODE_VOXELS,
+                 lung_threshold: Optional[float] = None, erode_voxels: int = tidal.ERODE_VOXELS,
                  chunk: int = 8, gif_frames: int = 12, proj_views: int = 4, progress: bool = True,
-                 cycles: Sequence[int] = ()) -> dict:
+                 cycles: Sequence[int] = (), min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> dict:
     """Evaluate a run end to end (see the module docstring); returns the metrics written to metrics.json.
-    `cycles`: also report the phases of these breathing cycles (`cycle_metrics`; generated phantoms)."""
+    `cycles`: also report the phases of these breathing cycles (`cycle_metrics`; generated phantoms).
+    lung_threshold / erode_voxels / min_component_fraction: the tidal segmentation (`tidal_curve`)."""
     from x2gs_jax import viz
 
     run = load_run(workdir, data, step)
@@ -443,7 +463,7 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
         m.update(fdk_baselines(run.case, len(vols) if run.is_4d else None, progress))
     curve = None
     if run.is_4d and tidal_points > 0:
-        curve = tidal_curve(run, tidal_points, lung_threshold, erode_voxels, chunk, progress)
+        curve = tidal_curve(run, tidal_points, lung_threshold, erode_voxels, chunk, progress, min_component_fraction)
         m.update({k: v for k, v in curve.items() if k not in ("t_s", "lung_volume_ml", "gt_ml")})
         write_tidal_csv(os.path.join(out_dir, "tidal.csv"), curve["t_s"], curve["lung_volume_ml"], curve.get("gt_ml"))
     if export_times or not run.is_4d:
@@ -465,8 +485,10 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
                                progress=progress)
             viz.save_breathing_gif(os.path.join(out_dir, "breathing.gif"), frames, ts)
         if curve is not None:
+            gt_label = (f"phantom (exact), r = {curve['tidal_corr']:.3f}" if curve.get("tidal_corr") is not None
+                        and math.isfinite(curve["tidal_corr"]) else "phantom (exact)")
             viz.save_tidal_plot(os.path.join(out_dir, "tidal.png"), curve["t_s"], curve["lung_volume_ml"],
-                                curve.get("gt_ml"), f"dominant period {curve.get('tidal_period_s') or float('nan'):.3f} s")
+                                curve.get("gt_ml"), tidal.curve_title(curve), gt_label=gt_label)
     m = _clean(m)
     atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(m, indent=2).encode())
     print(format_table(m))

@@ -9,6 +9,7 @@ Grey levels share one range per figure so predicted and GT slices are comparable
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Optional, Sequence
 
 import matplotlib
@@ -107,18 +108,19 @@ def save_projection_comparison(path: str, gt: np.ndarray, pred: np.ndarray, labe
 
 
 def save_tidal_plot(path: str, t_s: np.ndarray, volume_ml: np.ndarray, gt_ml: Optional[np.ndarray] = None,
-                    title: str = "") -> None:
-    """Lung volume (mL) vs time (s), with the phantom's exact curve when given."""
+                    title: str = "", label: str = "reconstruction", gt_label: str = "phantom (exact)") -> None:
+    """Lung volume (mL) vs time (s), with the phantom's exact curve when given. The title carries the curve's
+    summary (tidal.curve_title: dominant period, swing per cycle, mean, threshold); long titles wrap."""
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    ax.plot(t_s, volume_ml, lw=1.2, label="reconstruction")
+    ax.plot(t_s, volume_ml, lw=1.2, label=label)
     if gt_ml is not None:
-        ax.plot(t_s, gt_ml, lw=1.0, ls="--", color="k", label="phantom (exact)")
+        ax.plot(t_s, gt_ml, lw=1.0, ls="--", color="k", label=gt_label)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("lung + airway volume (mL)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     if title:
-        ax.set_title(title)
+        ax.set_title("\n".join(textwrap.fill(line, 110) for line in title.split("\n")), fontsize=9)
     _save(fig, path)
 
 
