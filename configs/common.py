@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.render = ml_collections.ConfigDict(dict(backend="auto", max_pairs=0))
 
     c.eval = ml_collections.ConfigDict(dict(iterations=(1, 5000, 10000, 20000, 30000), max_val_views=50))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3))
+    # verify_writes: read each checkpoint back after writing it (doubles the cost of a save; resume checks anyway)
+    c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3, verify_writes=False))
     c.log = ml_collections.ConfigDict(dict(every=20, tensorboard=True))
     return c

@@ -166,6 +166,63 @@ def test_resume_past_a_damaged_checkpoint_continues_exactly(tiny_static_runs, tm
     assert resumed == [{"step": 2, "kind": "resume", "damaged_steps": [4.0]}]
 
 
+def test_leaf_digests_see_every_bit_and_read_the_first_format():
+    """The CRC-32 digest changes with any one flipped bit, with the dtype and with the shape; digests of the first
+    format (BLAKE2, un-prefixed) are still compared with BLAKE2."""
+    from x2gs_jax.checkpoint import _digest, _mismatch, leaf_checksums
+
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(7, 3)).astype(np.float32), "b": {"c": np.arange(5, dtype=np.int32)}}
+    ref = leaf_checksums(tree)
+    assert all(d.startswith("crc32:") for d in ref.values()) and _mismatch(ref, tree) is None
+    for leaf in ("a", "c"):
+        for byte in range(0, tree["a"].nbytes if leaf == "a" else tree["b"]["c"].nbytes, 5):
+            bad = copy.deepcopy(tree)
+            arr = bad["a"] if leaf == "a" else bad["b"]["c"]
+            arr.view(np.uint8).reshape(-1)[byte] ^= 1 << (byte % 8)
+            assert _mismatch(ref, bad) is not None, (leaf, byte)
+    assert leaf_checksums({"a": tree["a"].view(np.int32)})["['a']"] != ref["['a']"]  # same bytes, other dtype
+    assert leaf_checksums({"a": tree["a"].reshape(3, 7)})["['a']"] != ref["['a']"]  # same bytes, other shape
+    legacy = {k: _digest(np.asarray(v), "blake2b") for k, v in
+              {"['a']": tree["a"], "['b']['c']": tree["b"]["c"]}.items()}
+    assert not any(d.startswith("crc32:") for d in legacy.values())
+    assert _mismatch(legacy, tree) is None
+    flipped = copy.deepcopy(tree)
+    flipped["a"][0, 0] += 1
+    assert "['a']" in _mismatch(legacy, flipped)
+
+
+def test_verify_writes_reads_each_save_back(tmp_path, monkeypatch):
+    """With verify_writes a save that does not read back bit-exactly raises, naming the step; without it the save
+    returns and the damage is found by the digests when the step is restored."""
+    from x2gs_jax.checkpoint import CheckpointError
+
+    state = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array(3, np.int32)}
+    ok = Checkpointer(str(tmp_path / "ok"), verify_writes=True)
+    ok.save(1, state, {"step": 1})
+    back, meta = ok.restore(lambda meta: state)
+    np.testing.assert_array_equal(back["x"], state["x"])
+    ok.close()
+    for verify in (True, False):
+        ckpt = Checkpointer(str(tmp_path / f"bad{verify}"), verify_writes=verify)
+        real = ckpt._manager.restore
+
+        def corrupt(step, args=None, _real=real):  # what a disk that loses writes would return
+            out = _real(step, args=args)
+            if "state" in out:
+                out["state"]["x"] = out["state"]["x"] + 1
+            return out
+        monkeypatch.setattr(ckpt._manager, "restore", corrupt)
+        if verify:
+            with pytest.raises(CheckpointError, match=r"checkpoint step 5 .* did not read back as written"):
+                ckpt.save(5, state, {"step": 5})
+        else:
+            ckpt.save(5, state, {"step": 5})
+            with pytest.raises(CheckpointError, match=r"no intact checkpoint.*step 5: .*\['x'\]"):
+                ckpt.restore(lambda meta: state)
+        ckpt.close()
+
+
 # ----------------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("key,value", [
     ("train.iterations", -1), ("train.iterations", 0), ("train.coarse_iterations", -3),

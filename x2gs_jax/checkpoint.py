@@ -8,18 +8,21 @@ run killed mid-save leaves the previous checkpoint intact.
 What orbax does not do is check the array data it reads back: tensorstore's zarr shards carry a CRC of
 their index only, so a damaged file either fails deep inside tensorstore without naming the step, or
 (bytes flipped in place) restores silently wrong values. Hence:
-  * `meta["checksums"]` holds a BLAKE2 digest of every leaf of the state as it was in memory;
-  * `save` reads the step back through orbax (into host memory) and compares the digests before it returns;
+  * `meta["checksums"]` holds a CRC-32 of every leaf of the state as it was in memory (older checkpoints: BLAKE2);
+  * with `verify_writes`, `save` also reads the step back through orbax (into host memory) and compares the
+    digests before it returns (off by default: it doubled the cost of a save, see `save`);
   * `restore` tries the newest step first; a step that fails to read or whose digests differ is reported
     (step and reason) and the next older one is tried, so one damaged step never blocks a resume.
 Checkpoints written before the digests existed restore without that comparison.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import sys
 import time
+import zlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -33,20 +36,36 @@ class CheckpointError(RuntimeError):
     """No intact checkpoint could be restored, or a checkpoint did not read back as written (names the step)."""
 
 
-def leaf_checksums(tree: Any) -> dict:
-    """{leaf path: BLAKE2 hex digest of dtype, shape and bytes} of a pytree (fetched to host)."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.ascontiguousarray(jax.device_get(leaf))
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-        out[jax.tree_util.keystr(path)] = h.hexdigest()
-    return out
+def _digest(a: np.ndarray, algorithm: str) -> str:
+    head = f"{a.dtype.str}{a.shape}".encode()
+    data = memoryview(np.ascontiguousarray(a)).cast("B") if a.size else b""
+    if algorithm == "crc32":
+        return f"crc32:{zlib.crc32(data, zlib.crc32(head)):08x}"
+    h = hashlib.blake2b(digest_size=16)  # the first format (un-prefixed hex digests)
+    h.update(head)
+    h.update(data)
+    return h.hexdigest()
+
+
+def leaf_checksums(tree: Any, like: Optional[dict] = None) -> dict:
+    """{leaf path: digest of dtype, shape and bytes} of a pytree (fetched to host).
+
+    CRC-32 ("crc32:<hex>"): it detects damaged files (not tampering), hashes without a copy and, measured on the dev
+    CPU, ~4.5x faster than BLAKE2 (1.1 GB/s vs 0.25 GB/s) -- a 64^3 run's state is ~0.8 GB and is saved every 2000
+    iterations. Leaves are hashed in threads (zlib releases the GIL on large buffers). `like`: digests to compare
+    against; a leaf whose expected digest is un-prefixed (checkpoints of the first format) is hashed with BLAKE2.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    keys = [jax.tree_util.keystr(path) for path, _ in flat]
+    algos = ["crc32" if like is None or str(like.get(k, "crc32:")).startswith("crc32:") else "blake2b" for k in keys]
+    arrays = [np.asarray(jax.device_get(leaf)) for _, leaf in flat]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_digest, arrays, algos))
+    return dict(zip(keys, digests))
 
 
 def _mismatch(expected: dict, tree: Any) -> Optional[str]:
-    got = leaf_checksums(tree)
+    got = leaf_checksums(tree, like=expected)
     bad = sorted(k for k in expected if got.get(k) != expected[k]) + sorted(set(got) - set(expected))
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -65,10 +84,12 @@ class Checkpointer:
     """Keeps the last `keep` full-state checkpoints under `<workdir>/checkpoints`.
 
     read_only: restore only (another run's checkpoints: nothing is created, written or deleted there).
+    verify_writes: read every saved step back and compare its digests before `save` returns.
     """
 
-    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False, verify_writes: bool = False):
         self.workdir = os.path.abspath(workdir)
+        self.verify_writes = bool(verify_writes)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.damaged: list[tuple[int, str]] = []  # (step, reason) skipped by the last `restore`, newest first
         if read_only:  # the values orbax would otherwise override with a warning
@@ -85,13 +106,20 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Write step `step` and read it back: raises CheckpointError if it does not restore bit-exactly."""
-        host = jax.device_get(state)
+        """Write step `step` with the digests of its leaves in `meta`; with `verify_writes`, read it back and raise
+        CheckpointError if it does not restore bit-exactly.
+
+        The read-back is optional because it cost as much as the save itself (H200 `:ref64` runs, 2026-12-03: 25 s
+        of checkpoints per run with it, ~3 s before the digests existed); a damaged step is still found, by its
+        digests, when a resume restores it, and the resume then falls back to an older step."""
+        host = jax.device_get(state)  # one transfer: the digests and orbax both read these host arrays
         checksums = leaf_checksums(host)
         meta = {**meta, CHECKSUM_KEY: checksums}
         self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
+        if not self.verify_writes:
+            return
         # Read back through orbax into host arrays (numpy targets: no second copy on the accelerator).
         try:
             back = self._manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(host)))

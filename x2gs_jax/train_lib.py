@@ -186,7 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"config.overwrite: moved the old run aside to {move_aside(workdir)}")
     os.makedirs(workdir, exist_ok=True)
     _write_config(workdir, config, int(state.step) if mode == "continue" else None)
-    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep)
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
+                        verify_writes=config.checkpoint.get("verify_writes", False))
     if damaged:
         moved = ckpt.set_aside([s for s, _ in damaged])
         print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
