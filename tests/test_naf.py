@@ -11,24 +11,15 @@ from x2gs_jax.data import naf
 from x2gs_jax.data.naf import DataError, case_stem, init_path, load_case, save_case
 from x2gs_jax.geometry import Scanner
 
-H, W = 6, 5          # detector rows, cols
-NV = (7, 4, 3)       # nx, ny, nz
+from case_dicts import H, NV, W, scanner_keys
+
 N_TRAIN, N_VAL = 5, 3
 
 
 def reference_dict(four_d: bool = True, seed: int = 0) -> dict:
     """A case dict laid out as the reference generators write it (data_format.md §2, §8 item 5)."""
     rng = np.random.default_rng(seed)
-    d = {
-        "DSD": 1536.0, "DSO": 1000.0,
-        "nDetector": np.array([H, W]), "dDetector": np.array([0.8, 0.9]),
-        "nVoxel": np.array(NV), "dVoxel": np.array([1.0, 1.5, 2.0]),
-        "offOrigin": np.array([1.0, -2.0, 0.5]), "offDetector": np.array([0.0, 0.0]),
-        "accuracy": 0.5, "mode": "cone", "filter": None, "totalAngle": 360.0, "startAngle": 0.0,
-        "randomAngle": False, "convert": False, "rescale_slope": 1.0, "rescale_intercept": 0.0,
-        "normalize": True, "noise": 0,
-        "numTrain": N_TRAIN, "numVal": N_VAL,
-    }
+    d = scanner_keys(N_TRAIN, N_VAL)
     for key, n in (("train", N_TRAIN), ("val", N_VAL)):
         s = np.sort(rng.uniform(0, 60, n))
         split = {"projections": rng.uniform(0, 0.3, (n, H, W)).astype(np.float32),

@@ -12,24 +12,15 @@ import pytest
 from x2gs_jax.data import robustness as R
 from x2gs_jax.data.naf import case_from_dict, init_path, load_case
 
-H, W = 6, 5          # detector rows, cols
-NV = (7, 4, 3)       # nx, ny, nz
+from case_dicts import H, NV, W, scanner_keys
+
 GEOMETRY = ("DSD", "DSO", "nDetector", "dDetector", "nVoxel", "dVoxel", "offOrigin", "offDetector", "mode")
 
 
 def case_dict(n_train=60, n_val=20, n_phases=10, four_d=True, seed=0, t_range=(0.0, 1.0)) -> dict:
     """A reference-layout case dict: phases cycle 0..n_phases-1 (equal counts when n_phases divides n)."""
     rng = np.random.default_rng(seed)
-    d = {
-        "DSD": 1536.0, "DSO": 1000.0,
-        "nDetector": np.array([H, W]), "dDetector": np.array([0.8, 0.9]),
-        "nVoxel": np.array(NV), "dVoxel": np.array([1.0, 1.5, 2.0]),
-        "offOrigin": np.array([1.0, -2.0, 0.5]), "offDetector": np.array([0.0, 0.0]),
-        "accuracy": 0.5, "mode": "cone", "filter": None, "totalAngle": 360.0, "startAngle": 0.0,
-        "randomAngle": False, "convert": False, "rescale_slope": 1.0, "rescale_intercept": 0.0,
-        "normalize": True, "noise": 0, "note": {"made_by": "test", "values": [1, 2.5]},
-        "numTrain": n_train, "numVal": n_val,
-    }
+    d = {**scanner_keys(n_train, n_val), "note": {"made_by": "test", "values": [1, 2.5]}}
     for key, n in (("train", n_train), ("val", n_val)):
         t = np.linspace(*t_range, n, endpoint=False)
         split = {"projections": rng.uniform(0.1, 0.3, (n, H, W)).astype(np.float32),
