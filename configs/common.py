@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume = ""  # a run directory to continue exactly from its newest intact checkpoint
     # A --workdir that already holds a run is refused; True moves that run aside (renamed, not deleted) and starts over.
     c.overwrite = False
+    # JAX's persistent compilation cache (x2gs_jax/compile_cache.py): "auto" = $X2GS_COMPILE_CACHE or
+    # <$X2GS_CACHE or ~/.cache/x2gs_jax>/xla; "" = off; else a directory. A repeated run loads its compiled steps.
+    c.compile_cache_dir = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # a NAF/X2GS *.pickle; empty = the embedded phantom below (generated once, cached)

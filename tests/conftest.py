@@ -1,9 +1,18 @@
 """Shared test setup: GPU-marked tests skip unless a CUDA device is present."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The runs of the suite (and the train.py / eval.py processes it starts) share one persistent compilation cache of
+# their own, removed at the end: nothing is written to the user's ~/.cache, and a function compiled by one test
+# process is loaded by the next.
+if not os.environ.get("X2GS_COMPILE_CACHE"):
+    os.environ["X2GS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="x2gs-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["X2GS_COMPILE_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from x2gs_jax import compile_cache
 from x2gs_jax import evaluation as E
 from x2gs_jax import tidal
 from x2gs_jax.data.naf import Case, load_case
@@ -438,6 +439,7 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
     from x2gs_jax import viz
 
     run = load_run(workdir, data, step)
+    compile_cache.enable(run.config.get("compile_cache_dir", "auto"))
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     batched = volume_batched(run)  # one compiled volume query for the phases, exports and GIF frames

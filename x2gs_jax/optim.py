@@ -122,7 +122,9 @@ def make_optimizer(specs: Mapping[str, GroupSpec], labels) -> optax.GradientTran
     missing = used - set(specs)
     if missing:
         raise KeyError(f"parameters labelled {sorted(missing)} have no learning-rate config (groups: {sorted(specs)})")
-    return optax.partition({name: gated_adam(name, specs[name]) for name in used}, labels)
+    # Groups in sorted order: iterating the set would follow Python's per-process string hashing, so the traced step
+    # (and its persistent-compilation-cache key) would differ from one process to the next.
+    return optax.partition({name: gated_adam(name, specs[name]) for name in sorted(used)}, labels)
 
 
 def group_state(opt_state, name: str) -> GatedAdamState:
