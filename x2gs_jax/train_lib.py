@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     _write_config(workdir, config, int(state.step) if mode == "continue" else None)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
-                        verify_writes=config.checkpoint.get("verify_writes", False))
+                        verify_writes=config.checkpoint.get("verify_writes", True))
     if damaged:
         moved = ckpt.set_aside([s for s, _ in damaged])
         print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
