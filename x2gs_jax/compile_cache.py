@@ -28,8 +28,12 @@ def resolve(setting: str) -> Optional[str]:
         return os.path.abspath(os.path.expanduser(setting))
     if os.environ.get(ENV):
         return os.path.abspath(os.path.expanduser(os.environ[ENV]))
-    root = os.environ.get("X2GS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "x2gs_jax")
-    return os.path.join(os.path.abspath(root), "xla")
+    return os.path.join(os.path.abspath(user_cache_root()), "xla")
+
+
+def user_cache_root() -> str:
+    """The project's cache directory: $X2GS_CACHE, else ~/.cache/x2gs_jax (the embedded phantom, compiled programs)."""
+    return os.environ.get("X2GS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "x2gs_jax")
 
 
 def enable(setting: str) -> Optional[str]:

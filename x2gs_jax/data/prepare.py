@@ -25,7 +25,9 @@ def resolve_case_path(config: ml_collections.ConfigDict) -> str:
     from x2gs_jax.data.generate import generate_case
 
     p = config.data.phantom
-    cache = config.data.cache_dir or os.environ.get("X2GS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "x2gs_jax")
+    from x2gs_jax.compile_cache import user_cache_root
+
+    cache = config.data.cache_dir or user_cache_root()
     name = f"phantom_{p.breathing}_s{p.size}_d{p.detector}_v{p.views}_val{p.val_views}_n{p.noise:g}_T{p.period_s:g}_seed{p.seed}"
     if p.box_mm != 300.0:
         name += f"_box{p.box_mm:g}"
