@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.render = ml_collections.ConfigDict(dict(backend="auto", max_pairs=0))
 
     c.eval = ml_collections.ConfigDict(dict(iterations=(1, 5000, 10000, 20000, 30000), max_val_views=50))
+    # Attenuation of water in the volumes' units, for `eval.py --units=hu`: the embedded phantom's soft tissue
+    # (x2gs_jax.data.phantom.MU_SOFT); data in other units need their own value.
+    c.eval.mu_water = 0.5
     # verify_writes: read each checkpoint back after writing it and compare its checksums (~+80 % per save on the
     # dev CPU; false leaves the check to the resume, which falls back to an older step on a damaged one)
     c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3, verify_writes=True))

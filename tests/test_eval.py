@@ -1,6 +1,7 @@
 """eval.py end to end on a tiny 4D run trained inside the test (coarse and fine stage): metrics.json equal to the
-training-time evaluation, the schedule's rules on its checkpoints, tidal.csv, pictures, NIfTI export round trip, parity
-of the export path with the metrics path, loud errors on wrong data/runs."""
+training-time evaluation, the schedule's rules on its checkpoints, tidal.csv, pictures and movies, NIfTI exports (3D and
+4D, μ and HU) read back by nibabel and SimpleITK, parity of the export path with the metrics path, loud errors on wrong
+data/runs."""
 import csv
 import dataclasses
 import json
@@ -15,7 +16,7 @@ import pytest
 from configs import x2_gaussian
 from x2gs_jax import eval_lib, metrics as M, train_lib
 from x2gs_jax.data.generate import generate_case
-from x2gs_jax.fileio import nifti_frame_mm, read_nifti
+from x2gs_jax.nifti import nifti_frame_mm, read_nifti, read_nifti_4d
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,15 @@ def test_tidal_csv_and_pictures(run):
         assert os.path.getsize(p) > 1000, name
     with open(os.path.join(out, "breathing.gif"), "rb") as f:
         assert f.read(6) in (b"GIF87a", b"GIF89a")
+    # The movie beside the GIF: an MP4 (ISO base media 'ftyp' box) of the same 4 frames.
+    import imageio_ffmpeg
+
+    with open(os.path.join(out, "breathing.mp4"), "rb") as f:
+        assert f.read(8)[4:] == b"ftyp"
+    reader = imageio_ffmpeg.read_frames(os.path.join(out, "breathing.mp4"))
+    meta = next(reader)
+    assert meta["fps"] == 8 and meta["size"][0] % 16 == 0 and meta["size"][1] % 16 == 0
+    assert sum(1 for _ in reader) == 4
 
 
 def test_export_round_trip_and_parity(run):
@@ -137,6 +147,54 @@ def test_export_round_trip_and_parity(run):
     # t = 0.0025 is the mid-time of phase 0 (0.15 s / 60 s): the exported volume reproduces psnr_3d[0].
     psnr = M.volume_metrics_host(r.case.volumes[0], vol)["psnr_3d"]
     assert psnr == pytest.approx(m["psnr_3d"][0], abs=1e-4)
+    assert m["units"] == "mu" and m["mu_water"] == 0.5  # the run config's eval.mu_water (the phantom's water)
+    # The phase volumes as one 4D NIfTI: time = the 4th axis, 0.3 s apart from phase 0's mid-time 0.15 s.
+    phases, affine4, dt, t0 = read_nifti_4d(os.path.join(exp, "phases_4d.nii.gz"))
+    assert phases.shape == (10, *r.case.volumes.shape[1:]) and dt == pytest.approx(0.3) and t0 == pytest.approx(0.15)
+    np.testing.assert_array_equal(affine4, affine)
+    np.testing.assert_allclose(phases[0], vol, atol=1e-6)
+    assert os.path.join(exp, "phases_4d.nii.gz") in m["exported"]
+
+
+def test_hounsfield_export(run, tmp_path):
+    """--units=hu: HU = 1000 (mu - mu_water) / mu_water in the .npy and the NIfTI (header: cal range, description),
+    the same frame as the mu export."""
+    import nibabel as nib
+
+    _, workdir, _ = run
+    r = eval_lib.load_run(workdir)
+    mu = np.load(os.path.join(workdir, "eval", "export", "vol_t0.0025.npy"))
+    written = eval_lib.export_volumes(r, [0.0025], str(tmp_path), chunk=4, units="hu", mu_water=0.4)
+    assert written == [str(tmp_path / "vol_t0.0025.npy"), str(tmp_path / "vol_t0.0025.nii.gz")]
+    hu = np.load(tmp_path / "vol_t0.0025.npy")
+    np.testing.assert_allclose(hu, 1000.0 * (mu - 0.4) / 0.4, atol=2e-3)
+    img = nib.load(tmp_path / "vol_t0.0025.nii.gz")
+    np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), hu)
+    assert float(img.header["cal_min"]) == pytest.approx(hu.min()) and float(img.header["cal_max"]) == pytest.approx(hu.max())
+    assert bytes(img.header["descrip"]).rstrip(b"\0") == b"x2gs-jax HU (mu_water 0.4)"
+    np.testing.assert_array_equal(img.affine, read_nifti(os.path.join(workdir, "eval", "export", "vol_t0.0025.nii.gz"))[1])
+    with pytest.raises(ValueError, match="units must be one of"):
+        eval_lib.evaluate_run(workdir, units="kelvin")
+
+
+def test_training_volumes_read_by_simpleitk(run):
+    """The trainer's volumes/ of a 4D run: one NIfTI per phase and vol_pred_4d.nii.gz, read by ITK (LPS frame) with
+    the scanner's spacing and origin and the phases' times; values equal to the .npy files."""
+    sitk = pytest.importorskip("SimpleITK")
+    _, workdir, _ = run
+    r = eval_lib.load_run(workdir)
+    spacing, origin = nifti_frame_mm(r.case.scanner)
+    stack = np.stack([np.load(os.path.join(workdir, "volumes", f"vol_pred_T{k}.npy")) for k in range(10)])
+    img = sitk.ReadImage(os.path.join(workdir, "volumes", "vol_pred_T3.nii.gz"))
+    assert img.GetSize() == stack.shape[1:]
+    np.testing.assert_allclose(img.GetSpacing(), spacing, rtol=1e-6)
+    np.testing.assert_allclose(img.GetOrigin(), origin * [-1, -1, 1], rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img).transpose(2, 1, 0), stack[3])
+    img4 = sitk.ReadImage(os.path.join(workdir, "volumes", "vol_pred_4d.nii.gz"))
+    assert img4.GetSize() == (*stack.shape[1:], 10)
+    np.testing.assert_allclose(img4.GetSpacing(), (*spacing, 0.3), rtol=1e-6)
+    np.testing.assert_allclose(img4.GetOrigin()[3], 0.15, rtol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img4).transpose(3, 2, 1, 0), np.moveaxis(stack, 0, -1))
 
 
 def test_field_and_checkpoint_load(run):

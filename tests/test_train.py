@@ -198,14 +198,18 @@ def test_exact_continuation_after_kill(tiny, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     every = ("--config.checkpoint.every=7", "--config.densify.grad_threshold=1e-3")
-    subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=30", *every), check=True, env=env, cwd=ROOT,
-                   capture_output=True)
-    # A long run, SIGKILLed as soon as its first checkpoint has landed.
-    steps = _run_killed_after_first_checkpoint(_train_cmd(broken, cache, "--config.train.iterations=400", *every),
-                                               broken, env)
+    r = subprocess.run(_train_cmd(straight, cache, "--config.train.iterations=30", *every), check=True, env=env,
+                       cwd=ROOT, capture_output=True, text=True)
+    if jax.default_backend() == "cpu":  # train.py says once that the CPU backend will be slow (a warning, not an error)
+        assert r.stderr.count("JAX backend: cpu (no GPU found): training will be slow") == 1
+    # A long run, SIGKILLed as soon as its first checkpoint has landed; it writes TensorBoard events (with images at
+    # the evaluation iterations, 20 and 30) from here on.
+    tb = ("--config.log.tensorboard=True",)
+    steps = _run_killed_after_first_checkpoint(
+        _train_cmd(broken, cache, "--config.train.iterations=400", *every, *tb), broken, env)
     assert steps and steps[-1] < 30, f"the run was not interrupted mid-way (checkpoints {steps})"
     assert steps[-1] % 5 != 0, steps  # off a densify iteration: statistics accumulated since the last one
-    subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=30", f"--config.resume={broken}", *every),
+    subprocess.run(_train_cmd(broken, cache, "--config.train.iterations=30", f"--config.resume={broken}", *every, *tb),
                    check=True, env=env, cwd=ROOT, capture_output=True)
     a = np.load(straight / "export" / "gaussians.npz")
     b = np.load(broken / "export" / "gaussians.npz")
@@ -214,6 +218,31 @@ def test_exact_continuation_after_kill(tiny, tmp_path):
     la, lb = _losses(straight), _losses(broken)
     for s in range(steps[-1] + 1, 31):
         assert la[s] == lb[s], (s, la[s], lb[s])
+    # Each step once in metrics.jsonl (what the killed run logged past its checkpoint was dropped on resume) and in
+    # TensorBoard (purge_step), with the uninterrupted run's losses throughout.
+    recs = [json.loads(line) for line in open(broken / "metrics.jsonl")]
+    train_steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert train_steps == list(range(1, 31))
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [20, 30]
+    assert [r["step"] for r in recs if r["kind"] == "resume"] == [steps[-1]]
+    from tests.test_tb_events import accumulate
+
+    acc = accumulate(broken / "tb")
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 31))
+    np.testing.assert_allclose([e.value for e in loss], [la[s] for s in range(1, 31)], rtol=1e-6)
+    images = [t for t in acc.Tags()["images"]]
+    assert {"eval/slice_axial_gt_pred", "eval/slice_coronal_gt_pred", "eval/projection_gt_pred"} <= set(images)
+    for tag in images:
+        assert [e.step for e in acc.Images(tag)] == [20, 30], tag
+    # The static run's volume.nii.gz: the trained volume on the scanner's grid, read back by nibabel.
+    from x2gs_jax.nifti import nifti_frame_mm, read_nifti
+
+    vol, affine = read_nifti(straight / "volume.nii.gz")
+    np.testing.assert_array_equal(vol, np.load(straight / "volume.npy"))
+    spacing, origin = nifti_frame_mm(load_case(train_lib.resolve_case_path(tiny[0])).scanner)
+    np.testing.assert_allclose(affine[:3, :3], np.diag(spacing), rtol=1e-6)
+    np.testing.assert_allclose(affine[:3, 3], origin, rtol=1e-6, atol=1e-4)
 
 
 def test_unknown_config_key_fails(tiny, tmp_path):

@@ -10,8 +10,8 @@ phase-binned 4D-FDK of the train projections with their stored phases. Volumes o
 Optionally (`cycles`, generated phantoms) the phases of later breathing cycles against the phantom's exact
 volumes at those times.
 
-Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif,
-projections.png, export/vol_t{t}.npy|.nii.gz.
+Outputs (<run>/eval/): metrics.json, tidal.csv + tidal.png (4D), slices_T{k}.png, breathing.gif + breathing.mp4,
+projections.png, export/vol_t{t}.npy|.nii.gz and export/phases_4d.nii.gz (4D; in μ or HU: `--units`).
 """
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ from x2gs_jax import tidal
 from x2gs_jax.data.naf import Case, load_case
 from x2gs_jax.data.prepare import initial_points, resolve_case_path
 from x2gs_jax.export import ExportError, load_export
-from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes, nifti_frame_mm, write_nifti
+from x2gs_jax.eval_report import clean_json, format_table, write_tidal_csv
+from x2gs_jax.fileio import atomic_write_bytes
 from x2gs_jax.models import make_model
 from x2gs_jax.render import voxelize
 from x2gs_jax.run_state import template_state
 from x2gs_jax.train_state import gaussians_from_params
+from x2gs_jax.volume_export import write_phase_series, write_volume_files
 
 
 class RunError(FileNotFoundError):
@@ -362,84 +364,40 @@ def tidal_curve(run: Run, n_points: int = 600, lung_threshold: Optional[float] =
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def write_tidal_csv(path: str, t_s, ml, gt_ml=None) -> None:
-    cols = ["t_s", "lung_volume_ml"] + (["gt_lung_volume_ml"] if gt_ml is not None else [])
-    rows = zip(t_s, ml, gt_ml) if gt_ml is not None else zip(t_s, ml)
-    text = ",".join(cols) + "\n" + "".join(",".join(f"{float(x):.6g}" for x in r) + "\n" for r in rows)
-    atomic_write_bytes(path, text.encode())
-
-
 def export_volumes(run: Run, times: Sequence[float], out_dir: str, chunk: int = 4,
-                   batched: Optional[Callable] = None) -> list[str]:
-    """Write the volumes at normalised `times` (4D) or the single volume (3D) as .npy and .nii.gz."""
-    spacing, origin = nifti_frame_mm(run.case.scanner)
+                   batched: Optional[Callable] = None, units: str = "mu", mu_water: Optional[float] = None
+                   ) -> list[str]:
+    """Write the volumes at normalised `times` (4D) or the single volume (3D) as .npy and .nii.gz in `units`
+    ("mu" as trained, or "hu" with `mu_water`; `volume_export`)."""
     os.makedirs(out_dir, exist_ok=True)
     times = list(times) if run.is_4d else [0.0]
     vols = map_times(batched or volume_batched(run), run.query_params, times, chunk, desc="export")
     written = []
     for t, v in zip(times, vols):
         stem = os.path.join(out_dir, f"vol_t{float(t):.4f}" if run.is_4d else "volume")
-        atomic_save_npy(stem + ".npy", v)
-        write_nifti(stem + ".nii.gz", v, spacing, origin)
-        written += [stem + ".npy", stem + ".nii.gz"]
+        written += write_volume_files(stem, v, run.case.scanner, units, mu_water)
     return written
-
-
-def _clean(v):
-    """JSON-safe: numpy -> python, non-finite -> None."""
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return [_clean(x) for x in np.asarray(v).tolist()] if isinstance(v, np.ndarray) else [_clean(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        return float(v) if math.isfinite(float(v)) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
-def format_table(m: dict) -> str:
-    def f(key, fmt="{:.3f}"):
-        v = m.get(key)
-        return "-" if v is None else fmt.format(v)
-    lines = [f"{'':24s}{'PSNR3D':>10s}{'SSIM3D':>10s}",
-             f"{'model (' + m['source'] + ')':24s}{f('psnr_3d_mean', '{:.2f}'):>10s}{f('ssim_3d_mean'):>10s}"]
-    if "fdk_psnr_3d_mean" in m:
-        lines.append(f"{'FDK (static)':24s}{f('fdk_psnr_3d_mean', '{:.2f}'):>10s}{f('fdk_ssim_3d_mean'):>10s}")
-    if "fdk4d_psnr_3d_mean" in m:
-        lines.append(f"{'4D-FDK (phase-binned)':24s}{f('fdk4d_psnr_3d_mean', '{:.2f}'):>10s}{f('fdk4d_ssim_3d_mean'):>10s}")
-    if "psnr_2d_val" in m:
-        lines.append(f"2D val: PSNR {f('psnr_2d_val', '{:.2f}')}  SSIM {f('ssim_2d_val')}")
-    if m.get("period_gt_s") is not None:
-        lines.append("period: " + (f"learned {f('period_learned_s')} s, " if m.get("period_learned_s") else "")
-                     + f"GT {f('period_gt_s')} s, "
-                     + (f"mean cycle of the scan {f('period_mean_cycle_s')} s, " if "period_mean_cycle_s" in m else "")
-                     + f"tidal-curve {f('tidal_period_s')} s")
-    for c, pv, sv in zip(m.get("cycles", ()), m.get("psnr_3d_by_cycle", ()), m.get("ssim_3d_by_cycle", ())):
-        lines.append(f"{'model, cycle ' + str(c):24s}{pv:>10.2f}{sv:>10.3f}")
-    if m.get("tidal_swing_ml") is not None:
-        thr = (f"auto (median {f('lung_threshold_used_median', '{:.4g}')})" if m.get("lung_threshold_mode") == "auto"
-               else f('lung_threshold', '{:.4g}'))
-        lines.append(f"tidal curve: period {f('tidal_period_s')} s, swing {f('tidal_swing_ml', '{:.1f}')} mL per "
-                     f"cycle, mean {f('tidal_mean_ml', '{:.1f}')} mL, air threshold {thr}")
-    if "tidal_corr" in m:
-        lines.append(f"tidal curve vs phantom: corr {f('tidal_corr')}, amplitude {f('tidal_amplitude_ml', '{:.1f}')} "
-                     f"mL vs {f('tidal_amplitude_gt_ml', '{:.1f}')} mL")
-    return "\n".join(lines)
 
 
 def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] = None, tidal_points: int = 600,
                  pictures: bool = True, export_times: Sequence[float] = (), baselines: bool = True,
                  lung_threshold: Optional[float] = None, erode_voxels: int = tidal.ERODE_VOXELS,
                  chunk: int = 8, gif_frames: int = 12, proj_views: int = 4, progress: bool = True,
-                 cycles: Sequence[int] = (), min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> dict:
+                 cycles: Sequence[int] = (), min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION,
+                 units: str = "mu", mu_water: Optional[float] = None) -> dict:
     """Evaluate a run end to end (see the module docstring); returns the metrics written to metrics.json.
     `cycles`: also report the phases of these breathing cycles (`cycle_metrics`; generated phantoms).
-    lung_threshold / erode_voxels / min_component_fraction: the tidal segmentation (`tidal_curve`)."""
+    lung_threshold / erode_voxels / min_component_fraction: the tidal segmentation (`tidal_curve`).
+    units / mu_water: the value units of the exported volumes ("mu" or "hu"; mu_water None = the run config's
+    eval.mu_water, else the embedded phantom's; `x2gs_jax.units`). Metrics and pictures stay in μ."""
     from x2gs_jax import viz
+    from x2gs_jax.units import UNITS, resolve_mu_water
 
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {UNITS}, got {units!r}")
     run = load_run(workdir, data, step)
     compile_cache.enable(run.config.get("compile_cache_dir", "auto"))
+    mu_water = resolve_mu_water(mu_water, run.config)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     batched = volume_batched(run)  # one compiled volume query for the phases, exports and GIF frames
@@ -468,8 +426,15 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
         curve = tidal_curve(run, tidal_points, lung_threshold, erode_voxels, chunk, progress, min_component_fraction)
         m.update({k: v for k, v in curve.items() if k not in ("t_s", "lung_volume_ml", "gt_ml")})
         write_tidal_csv(os.path.join(out_dir, "tidal.csv"), curve["t_s"], curve["lung_volume_ml"], curve.get("gt_ml"))
+    m.update(units=units, mu_water=mu_water)
     if export_times or not run.is_4d:
-        m["exported"] = export_volumes(run, export_times, os.path.join(out_dir, "export"), chunk, batched)
+        m["exported"] = export_volumes(run, export_times, os.path.join(out_dir, "export"), chunk, batched, units,
+                                       mu_water)
+    if run.is_4d:  # the phase volumes as one 4D NIfTI (time = the 4th axis, seconds)
+        series = write_phase_series(os.path.join(out_dir, "export", "phases_4d.nii.gz"), vols,
+                                    np.asarray(m["phase_times"]) * float(run.config.data.scan_s), run.case.scanner,
+                                    units, mu_water)
+        m["exported"] = m.get("exported", []) + ([series] if series else [])
     if pictures:
         gt = run.case.volumes if run.case.is_4d else run.case.volumes[None]
         for k, (g, p) in enumerate(zip(gt, vols)):
@@ -485,13 +450,13 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
             ts = np.arange(gif_frames) / gif_frames * cycle
             frames = map_times(batched, run.query_params, ts / float(run.config.data.scan_s), chunk, desc="gif frames",
                                progress=progress)
-            viz.save_breathing_gif(os.path.join(out_dir, "breathing.gif"), frames, ts)
+            viz.save_breathing_movies(os.path.join(out_dir, "breathing"), frames, ts)  # .gif and .mp4
         if curve is not None:
             gt_label = (f"phantom (exact), r = {curve['tidal_corr']:.3f}" if curve.get("tidal_corr") is not None
                         and math.isfinite(curve["tidal_corr"]) else "phantom (exact)")
             viz.save_tidal_plot(os.path.join(out_dir, "tidal.png"), curve["t_s"], curve["lung_volume_ml"],
                                 curve.get("gt_ml"), tidal.curve_title(curve), gt_label=gt_label)
-    m = _clean(m)
+    m = clean_json(m)
     atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(m, indent=2).encode())
     print(format_table(m))
     return m

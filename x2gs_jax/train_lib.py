@@ -3,11 +3,14 @@ logging and checkpoints. The per-iteration math is the jitted step of `train_ste
 
 Run directory layout (README "Run directories and recovery"):
   config.json          the resolved config (config.before_resume_<step>.json: the one a resumed run replaced)
-  metrics.jsonl        one JSON record per logged iteration / evaluation (a `resume` record where a run continued)
+  metrics.jsonl        one JSON record per logged iteration / evaluation (a `resume` record where a run continued;
+                       each step once: a resume drops what the interrupted run logged past its checkpoint)
+  tb/                  TensorBoard events (tensorboardX): every metrics record's scalars, slice and projection
+                       images at evaluation iterations
   checkpoints/<step>/  orbax full-state checkpoints (exact continuation), verified when written and read
   damaged_checkpoints/ checkpoints that failed to restore, moved out of the way by a resume (never deleted)
   export/              inference export (Gaussians, field, period, config, scanner)
-  volume.npy, volume.nii.gz (static) or volumes/ (4D)
+  volume.npy, volume.nii.gz (static) or volumes/ (4D: per phase, and vol_pred_4d.nii.gz with time as 4th axis)
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from x2gs_jax.fileio import atomic_write_bytes
 from x2gs_jax.models import ConfigError, make_model
 from x2gs_jax.models.static import StaticModel
 from x2gs_jax.run_dir import move_aside, plan_run_dir
-from x2gs_jax.run_log import PhaseTimer, RunLogger
+from x2gs_jax.run_log import PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_state,
                                 scale_bound_from_config, template_state)
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
@@ -111,7 +114,8 @@ def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[in
 
 
 def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache: Optional[dict] = None) -> dict:
-    """Volume metrics (per phase for 4D) and 2D metrics on the val projections.
+    """Volume metrics (per phase for 4D) and 2D metrics on the val projections, with the predicted volumes
+    (`volumes` [P, nx, ny, nz]) and val renderings (`val_pred` [n_val, H, W], scene-scaled) the caller pops.
 
     The state enters the compiled functions as arguments (never as closure constants) and `jit_cache` (owned
     by the training loop) keeps them, so every evaluation of a stage at the same capacity reuses one compile."""
@@ -137,6 +141,7 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache
         pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend, params=inputs,
                               jit_cache=stage_cache)
         report.update(E.projection_report(case.val.projections[:n_val] * sc.scene_scale, pred))
+        report["val_pred"] = np.asarray(pred)  # [n_val, H, W] scene-scaled renderings (TensorBoard images)
     report["volumes"] = vols
     return report
 
@@ -195,7 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
     data = TrainData(case)
     sc = case.scanner
-    logger = RunLogger(workdir, tensorboard=config.log.tensorboard)
+    # A resumed run drops what the interrupted one logged past the restored step (it is logged again).
+    logger = RunLogger(workdir, tensorboard=config.log.tensorboard,
+                       resume_step=int(state.step) if config.resume else None)
     if config.resume:
         logger.write(int(state.step), {"damaged_steps": [s for s, _ in damaged]}, prefix="resume")
     timer.since("setup", t_phase)
@@ -283,12 +290,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if it in tuple(config.eval.iterations) or it == total:
                 report = evaluate(state, model, case, config, stage, eval_fns)
                 vols = report.pop("volumes")
+                val_pred = report.pop("val_pred", None)
                 logger.write(it, report, prefix="eval")
+                gt0 = case.volumes[0] if case.is_4d else case.volumes
+                logger.add_images(it, eval_images(gt0, vols[0], *(
+                    (case.val.projections[0] * sc.scene_scale, val_pred[0]) if val_pred is not None else ())))
                 last_report = {"psnr3d": f"{report['psnr_3d_mean']:.2f}"}
                 if it == total:
-                    save_outputs(workdir, {**report, "volumes": vols}, case)
+                    times_s = np.asarray(model.eval_times(case)) * float(config.data.scan_s) if model.is_4d else None
+                    save_outputs(workdir, {**report, "volumes": vols}, case, times_s)
                 t_phase = timer.since("eval", t_phase)
             if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
+                logger.sync()  # the logs up to this step are on disk before the checkpoint is (a resume starts here)
                 ckpt.save(it, state, checkpoint_meta(state, config, stage))
                 timer.since("checkpoint", t_phase)
         t_phase = time.perf_counter()

@@ -175,7 +175,7 @@ def _numeric_array(value: Any, where: str, what: str, allow_int: bool = True) ->
 
 def _check_finite(arr: np.ndarray, where: str) -> None:
     """Raise if `arr` holds NaN/Inf; works slice by slice so a huge stack needs no full-size mask."""
-    if arr.dtype.kind != "f":
+    if arr.dtype.kind != "f" or arr.size == 0:
         return
     flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
     for i in range(flat.shape[0]):
@@ -329,7 +329,8 @@ def case_from_dict(d: Any, name: str = "<dict>") -> Case:
 
 
 def load_case(path: str | os.PathLike) -> Case:
-    """Safely load and validate a NAF/X2GS case pickle.
+    """Safely load and validate a NAF/X2GS case pickle, or an R2-Gaussian case folder (`x2gs_jax.data.r2`: a
+    directory holding meta_data.json, read with the same checks).
 
     The pickle may only reference NumPy arrays/dtypes/scalars and inert builtin containers; anything else
     (e.g. `os.system`, `builtins.eval`) is refused before it can run. Returns a `Case` with projections
@@ -341,6 +342,10 @@ def load_case(path: str | os.PathLike) -> Case:
       DataError: naming the file and the key, for unsafe, corrupt or inconsistent files.
     """
     name = os.fspath(path)
+    if os.path.isdir(name):
+        from x2gs_jax.data.r2 import load_r2_case
+
+        return load_r2_case(name)
     return case_from_dict(safe_load_pickle(name), name)
 
 
@@ -407,7 +412,13 @@ def save_case(path: str | os.PathLike, case: Case) -> None:
 
 
 def case_stem(path: str | os.PathLike) -> str:
-    """The case name: file basename cut at the first dot (data_format.md §1), e.g. 'a/b.x.pickle' -> 'b'."""
+    """The case name: file basename cut at the first dot (data_format.md §1), e.g. 'a/b.x.pickle' -> 'b'; a case
+    folder's own name (R2-Gaussian layout, 'a/chest_cone/' -> 'chest_cone')."""
+    if os.path.isdir(os.fspath(path)):
+        stem = os.path.basename(os.path.normpath(os.path.abspath(os.fspath(path))))
+        if not stem:
+            raise DataError(f"{os.fspath(path)}: cannot derive a case name from this folder")
+        return stem
     stem = os.path.basename(os.fspath(path)).split(".")[0]
     if not stem:
         raise DataError(f"{os.fspath(path)}: cannot derive a case name (empty text before the first dot)")
@@ -415,6 +426,9 @@ def case_stem(path: str | os.PathLike) -> str:
 
 
 def init_path(path: str | os.PathLike) -> str:
-    """Path of the initial point cloud of a case: `<dir>/init_<stem>.npy` (data_format.md §1, §6)."""
+    """Path of the initial point cloud of a case: `<dir>/init_<stem>.npy` beside a pickle (data_format.md §1, §6),
+    `<folder>/init_<folder name>.npy` inside an R2-Gaussian case folder (where R2-Gaussian looks for it)."""
     name = os.fspath(path)
+    if os.path.isdir(name):
+        return os.path.join(name, f"init_{case_stem(name)}.npy")
     return os.path.join(os.path.dirname(name), f"init_{case_stem(name)}.npy")

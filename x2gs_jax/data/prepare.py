@@ -16,12 +16,19 @@ from x2gs_jax.gaussians import load_init_points
 
 
 def resolve_case_path(config: ml_collections.ConfigDict) -> str:
-    """The case to train on: config.data.path, or the embedded phantom (generated once and cached)."""
+    """The case to train on: config.data.path (a case pickle or an R2-Gaussian case folder), or the embedded phantom
+    (generated once and cached)."""
     if config.data.path:
-        if not os.path.isfile(config.data.path):
-            raise DataError(f"config.data.path={config.data.path!r}: no such file (a NAF/X2GS case pickle; empty = "
-                            f"the embedded phantom)")
-        return config.data.path
+        from x2gs_jax.data.r2 import META, is_r2_case
+
+        path = config.data.path
+        if os.path.isdir(path) and not is_r2_case(path):
+            raise DataError(f"config.data.path={path!r}: a folder without {META} (expected a NAF/X2GS case pickle or "
+                            f"an R2-Gaussian case folder; empty = the embedded phantom)")
+        if not os.path.exists(path):
+            raise DataError(f"config.data.path={path!r}: no such file or folder (a NAF/X2GS case pickle or an "
+                            f"R2-Gaussian case folder; empty = the embedded phantom)")
+        return path
     from x2gs_jax.data.generate import generate_case
 
     p = config.data.phantom
@@ -54,9 +61,18 @@ def init_record_path(case_path: str) -> str:
     return os.path.splitext(init_path(case_path))[0] + ".json"
 
 
+def case_sha256(case_path: str) -> str:
+    """The content hash of a case: its pickle file, or an R2-Gaussian folder's meta_data.json and the files it names."""
+    if os.path.isdir(case_path):
+        from x2gs_jax.data.r2 import folder_sha256
+
+        return folder_sha256(case_path)
+    return file_sha256(case_path)
+
+
 def init_record(case_path: str, config) -> dict:
-    """The inputs of the initial point cloud: the case file's content and the config's data.init settings."""
-    return {"case_file": os.path.basename(case_path), "case_sha256": file_sha256(case_path),
+    """The inputs of the initial point cloud: the case's content and the config's data.init settings."""
+    return {"case_file": os.path.basename(os.path.normpath(case_path)), "case_sha256": case_sha256(case_path),
             "init": config.data.init.to_dict()}
 
 

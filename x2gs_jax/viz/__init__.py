@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: eval runs on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+
+from x2gs_jax.viz import movie  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -57,13 +58,16 @@ def save_phase_slices(path: str, gt: np.ndarray, pred: np.ndarray, title: str = 
     _save(fig, path)
 
 
-def save_breathing_gif(path: str, volumes: np.ndarray, times_s: Sequence[float], fps: int = 8) -> None:
-    """Animated GIF of volumes [F, nx, ny, nz] (one breathing cycle): coronal + axial side by side."""
+def breathing_frames(volumes: np.ndarray, times_s: Sequence[float]) -> np.ndarray:
+    """RGB frames uint8 [F, H, W, 3] of volumes [F, nx, ny, nz] (one breathing cycle): coronal + axial side by side
+    on one grey scale (0 to the maximum over all frames), the time in the title."""
     vols = np.asarray(volumes, np.float32)
     if vols.ndim != 4 or vols.shape[0] < 1:
-        raise ValueError(f"save_breathing_gif: expected [frames, nx, ny, nz], got shape {vols.shape}")
+        raise ValueError(f"breathing_frames: expected [frames, nx, ny, nz], got shape {vols.shape}")
+    if len(times_s) != vols.shape[0]:
+        raise ValueError(f"breathing_frames: {vols.shape[0]} volumes but {len(times_s)} times")
     hi = float(max(vols.max(), 1e-6))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), dpi=80)
     first = orthogonal_slices(vols[0])
     ims = [axes[i].imshow(first[v], cmap="gray", vmin=0, vmax=hi, origin="lower") for i, v in enumerate(("coronal", "axial"))]
     for ax, v in zip(axes, ("coronal", "axial")):
@@ -71,18 +75,29 @@ def save_breathing_gif(path: str, volumes: np.ndarray, times_s: Sequence[float],
         ax.set_xticks([])
         ax.set_yticks([])
     label = fig.suptitle("")
-
-    def draw(i):
+    frames = []
+    for i in range(vols.shape[0]):
         sl = orthogonal_slices(vols[i])
         ims[0].set_data(sl["coronal"])
         ims[1].set_data(sl["axial"])
         label.set_text(f"t = {float(times_s[i]):.2f} s")
-        return [*ims, label]
-
-    anim = FuncAnimation(fig, draw, frames=vols.shape[0], blit=False)
-    _ensure_dir(path)
-    anim.save(path, writer=PillowWriter(fps=fps))
+        fig.canvas.draw()
+        frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     plt.close(fig)
+    return np.stack(frames)
+
+
+def save_breathing_gif(path: str, volumes: np.ndarray, times_s: Sequence[float], fps: int = 8) -> None:
+    """Animated GIF of `breathing_frames`."""
+    movie.write_gif(path, breathing_frames(volumes, times_s), fps)
+
+
+def save_breathing_movies(stem: str, volumes: np.ndarray, times_s: Sequence[float], fps: int = 8) -> list[str]:
+    """`<stem>.gif` and `<stem>.mp4` (H.264) of the same `breathing_frames`; returns both paths."""
+    frames = breathing_frames(volumes, times_s)
+    movie.write_gif(stem + ".gif", frames, fps)
+    movie.write_mp4(stem + ".mp4", frames, fps)
+    return [stem + ".gif", stem + ".mp4"]
 
 
 def save_projection_comparison(path: str, gt: np.ndarray, pred: np.ndarray, labels: Sequence[str] = ()) -> None:
@@ -135,5 +150,6 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["orthogonal_slices", "save_phase_slices", "save_breathing_gif", "save_projection_comparison",
+__all__ = ["orthogonal_slices", "save_phase_slices", "breathing_frames", "save_breathing_gif", "save_breathing_movies",
+           "save_projection_comparison",
            "save_tidal_plot"]
