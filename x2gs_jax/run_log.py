@@ -36,6 +36,16 @@ class RunLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """The logger of a process that writes no files (every process of a multi-process run but process 0)."""
+
+    def write(self, step: int, record: dict, prefix: str = "train"):
+        pass
+
+    def close(self):
+        pass
+
+
 class PhaseTimer:
     """Wall seconds per phase of the loop (data_generation (once, cached), setup, trace_and_lower and xla_compile of each new step function,
     steps, densify, eval, checkpoint, export): written to metrics.jsonl as one `timing` record, so a slow run
