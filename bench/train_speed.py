@@ -4,6 +4,7 @@
   python bench/train_speed.py --model x2 --gaussians 50000,200000 --detector 512 --json OUT.json
   python bench/train_speed.py --model physx --gaussians 50000,200000 --detector 512 --json OUT.json
   python bench/train_speed.py --model physx_boosted --gaussians 50000,200000 --detector 512 --json OUT.json
+  python bench/train_speed.py --model x2 --gaussians 200000 --devices 4 --views-per-step 4   # data parallel
 
 Cases (fixed seeds): the embedded phantom (128³ GT) projected on a `--detector`² detector (static: 50 views;
 x2/physx: 300 views over the 60 s scan), FDK-initialised with exactly N Gaussians, densification off so N stays
@@ -12,7 +13,10 @@ stage of X2-Gaussian with the default field and the periodic-consistency render 
 phase); `physx` the fine stage of PhysX-Gaussian (1024 anchors, masked render pass + teacher pass, L_phys and
 L_smooth on, no 3D TV as configs/physx.py); `physx_boosted` the fine stage of the main PhysX-Boosted recipe
 (configs/physx_boosted.py: boosted HexPlane + anchor streams, α 0.99, no mask, 4D-TV, L_smooth). Each call runs `train.steps_per_call` iterations in one jitted `lax.scan`, exactly as `train.py`.
-Timing: one warm-up call (compilation), then the median over --repeats calls; it/s = iterations / call time.
+The step runs as in train.py: per device under shard_map over `--devices` devices (default 1: the program of a
+single-device step, no collectives), each step's `--views-per-step` views split over them.
+Timing: one warm-up call (compilation), then the median over --repeats calls; it/s = iterations / call time
+(views/s = it/s x views per step).
 Peak memory: the device allocator's peak after the runs (`memory_stats()["peak_bytes_in_use"]`).
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import physx, physx_boosted, r2_static, x2_gaussian  # noqa: E402
-from x2gs_jax import train_lib  # noqa: E402
+from x2gs_jax import parallel, train_lib  # noqa: E402
 from x2gs_jax.data.naf import load_case  # noqa: E402
 from x2gs_jax.train_step import make_multi_step, make_train_step  # noqa: E402
 
@@ -57,8 +61,8 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
 
 
 def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
-          donate: bool = True):
-    """(jitted multi-step, initial state, TrainData, config) of one benchmark case."""
+          donate: bool = True, devices: int = 1):
+    """(jitted multi-step, initial state, TrainData, config) of one benchmark case, on the first `devices` devices."""
     config = bench_config(model, detector, cache, backend, size, per_call)
     case_path = train_lib.resolve_case_path(config)
     case = load_case(case_path)
@@ -71,31 +75,35 @@ def build(model: str, n: int, detector: int, cache: str, backend: str, size: int
                                       density_rescale=config.data.init.density_rescale, method="fdk", seed=0))
     points = load_init_points(pts_path)
     dyn = train_lib.make_model(config, case)
-    state = train_lib.init_state(config, case, points, dyn)
-    data = train_lib.TrainData(case)
+    par = parallel.Parallel(jax.sharding.Mesh(np.array(jax.devices()[:devices]), (parallel.AXIS,)))
+    state = par.replicate(train_lib.init_state(config, case, points, dyn))
+    data = train_lib.TrainData(case, par)
     stage = "coarse" if model == "static" else "fine"
-    max_pairs = train_lib.grown_pair_capacity(state, data, None)
+    max_pairs = train_lib.grown_pair_capacity(par.local(state), data, None)
     settings = train_lib.step_settings(config, case.scanner, stage, max_pairs)
     opt = train_lib.build_optimizer(config, state.params, dyn)
-    multi = jax.jit(make_multi_step(make_train_step(dyn, settings, opt)), donate_argnums=0 if donate else ())
+    step = make_train_step(dyn, settings, opt, axis_name=parallel.AXIS)
+    multi = jax.jit(par.shard(make_multi_step(step)), donate_argnums=0 if donate else ())
     return multi, state, data, config
 
 
-def batches(data, state, first_it: int, k: int):
+def batches(data, state, first_it: int, k: int, views_per_step: int = 1):
     its = np.arange(first_it, first_it + k)
-    views = np.array([[train_lib.view_index(int(i), 1, data.n_train, 0)] for i in its])
+    b = views_per_step
+    views = np.array([[train_lib.view_index((int(i) - 1) * b + j + 1, 1, data.n_train, 0) for j in range(b)]
+                      for i in its])
     keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its, jnp.int32))
-    return data.batch(views), keys
+    return data.sharded_batch(views), keys
 
 
 def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
-             per_call: int = 50) -> dict:
-    multi, state, data, config = build(model, n, detector, cache, backend, size, per_call)
+             per_call: int = 50, devices: int = 1, views_per_step: int = 1) -> dict:
+    multi, state, data, config = build(model, n, detector, cache, backend, size, per_call, devices=devices)
     k = int(config.train.steps_per_call)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
     def call(state, first_it):
-        batch, keys = batches(data, state, first_it, k)
+        batch, keys = batches(data, state, first_it, k, views_per_step)
         t0 = time.perf_counter()
         state, m = multi(state, batch, keys, jnp.int32(k))
         done = np.asarray(jax.device_get(m["done"]))
@@ -114,7 +122,8 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
     med = statistics.median(times)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    return {"model": model, "gaussians": n, "detector": detector, "backend": backend,
+    return {"model": model, "gaussians": n, "detector": detector, "backend": backend, "devices": devices,
+            "views_per_step": views_per_step,
             "iterations_per_call": k, "calls": repeats, "median_call_s": med, "it_per_s": k / med,
             "ms_per_it": 1e3 * med / k, "first_call_s": compile_s, "params": n_params, "final_loss": loss,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": dev.device_kind}
@@ -131,12 +140,14 @@ def main():
     ap.add_argument("--steps-per-call", type=int, default=50)
     ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
     ap.add_argument("--json", default="")
+    ap.add_argument("--devices", type=int, default=1, help="devices of the mesh (the first ones)")
+    ap.add_argument("--views-per-step", type=int, default=1, help="global batch of views (a multiple of --devices)")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     results = []
     for n in (int(v) for v in args.gaussians.split(",")):
         r = run_case(args.model, n, args.detector, args.cache, args.backend, args.repeats, args.size,
-                     args.steps_per_call)
+                     args.steps_per_call, args.devices, args.views_per_step)
         print(json.dumps(r), flush=True)
         results.append(r)
         if args.json:  # after every case: a cut-off run keeps what it measured

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.iterations = 30000
     c.train.coarse_iterations = 30000  # static (coarse) stage length of 4D models; static models ignore it (one stage)
-    c.train.views_per_step = 1
+    c.train.views_per_step = 1  # the global batch of views of a step (its loss: their mean); 1 = the reference
     # Iterations per jitted call (lax.scan): removes per-iteration host round trips. Calls also end at
     # densify, evaluation and checkpoint iterations, so results do not depend on this value.
     c.train.steps_per_call = 50
@@ -70,6 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
     # backend: "auto" (Triton on a GPU, else the pure-JAX reference), "reference" or "triton".
     # max_pairs: initial rasterizer pair buffer per view (0 = backend default); grows on overflow.
     c.render = ml_collections.ConfigDict(dict(backend="auto", max_pairs=0))
+
+    # Data-parallel training (x2gs_jax/parallel.py, README "Several devices and hosts"): each step's
+    # train.views_per_step views are split over `devices` devices of every process (-1: all local devices); the
+    # state is replicated. distributed=True calls jax.distributed.initialize() first: coordinator_address
+    # ("host:port" of process 0), num_processes and process_id, each from $JAX_COORDINATOR_ADDRESS,
+    # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID when left at "", 0, -1, else detected from the cluster (Slurm, Open MPI).
+    c.parallel = ml_collections.ConfigDict(dict(devices=1, distributed=False, coordinator_address="",
+                                                num_processes=0, process_id=-1))
 
     c.eval = ml_collections.ConfigDict(dict(iterations=(1, 5000, 10000, 20000, 30000), max_val_views=50))
     # Attenuation of water in the volumes' units, for `eval.py --units=hu`: the embedded phantom's soft tissue

@@ -114,8 +114,11 @@ class Checkpointer:
         host = jax.device_get(state)  # one transfer: the digests and orbax both read these host arrays
         checksums = leaf_checksums(host)
         meta = {**meta, CHECKSUM_KEY: checksums}
+        # One process: orbax writes the host copies (no second transfer). Several processes: each saves the global
+        # (replicated) arrays, so that orbax coordinates the write (it writes each array once).
         self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(host if jax.process_count() == 1 else state), meta=ocp.args.JsonSave(meta)),
+            force=True)
         self._manager.wait_until_finished()
         if not self.verify_writes:
             return
@@ -133,8 +136,11 @@ class Checkpointer:
         step = self._resolve(step)
         return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def restore(self, template_fn: Callable[[dict], Any], step: Optional[int] = None):
+    def restore(self, template_fn: Callable[[dict], Any], step: Optional[int] = None, sharding=None):
         """Restore (state, meta). `template_fn(meta)` builds a state of the right structure and shapes.
+
+        sharding: where every restored array goes (e.g. replicated on the run's mesh: a checkpoint holds no
+        device layout, so one written on N devices restores on M); None: where the template's arrays are.
 
         step None: the newest step that restores intact; every damaged step tried before it is reported on
         stderr and listed in `self.damaged`. An explicit step is tried alone. Raises FileNotFoundError when
@@ -153,7 +159,7 @@ class Checkpointer:
         self.damaged = []
         for s in candidates:
             try:
-                state, meta = self._restore_step(s, template_fn)
+                state, meta = self._restore_step(s, template_fn, sharding)
             except Exception as err:  # noqa: BLE001 - whatever the damage, report it and try an older step
                 self.damaged.append((s, _reason(err)))
                 older = "; trying the next older one" if s != candidates[-1] else ""
@@ -167,9 +173,13 @@ class Checkpointer:
         raise CheckpointError(f"no intact checkpoint in {self.directory}: "
                               + "; ".join(f"step {s}: {r}" for s, r in self.damaged))
 
-    def _restore_step(self, step: int, template_fn):
+    def _restore_step(self, step: int, template_fn, sharding=None):
         meta = self.restore_meta(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_fn(meta))
+        if sharding is None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_fn(meta))
+        else:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
+                                    template_fn(meta))
         state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         if CHECKSUM_KEY in meta:
             problem = _mismatch(meta[CHECKSUM_KEY], state)
@@ -193,8 +203,12 @@ class Checkpointer:
                 dest, n = f"{dest.rsplit('~', 1)[0]}~{n}", n + 1
             os.rename(src, dest)
             moved.append(dest)
-        self._manager.reload()  # orbax caches the step list
+        self.reload()
         return moved
+
+    def reload(self) -> None:
+        """Read the step list again (orbax caches it; another process may have moved steps)."""
+        self._manager.reload()
 
     def _resolve(self, step):
         step = self.latest_step() if step is None else int(step)

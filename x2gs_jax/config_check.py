@@ -44,6 +44,11 @@ def check_config(config) -> None:
     need("train.coarse_iterations", int_at_least(0), "must be an integer >= 0")
     need("train.views_per_step", int_at_least(1), "must be an integer >= 1")
     need("train.steps_per_call", int_at_least(1), "must be an integer >= 1")
+    need("parallel.devices", lambda v: _is_int(v) and (v == -1 or v >= 1), "must be -1 (all local devices) or an "
+         "integer >= 1 (devices of each process)")
+    if config.parallel.distributed:
+        need("parallel.num_processes", int_at_least(0), "must be an integer >= 0 (0 = from the environment)")
+        need("parallel.process_id", int_at_least(-1), "must be an integer >= -1 (-1 = from the environment)")
     need("checkpoint.every", int_at_least(1), "must be an integer >= 1 (iterations between checkpoints)")
     need("checkpoint.keep", int_at_least(1), "must be an integer >= 1 (checkpoints kept)")
     need("log.every", int_at_least(1), "must be an integer >= 1")
@@ -100,3 +105,12 @@ def check_stages(config, is_4d: bool) -> None:
         raise ConfigError(f"invalid config:\n  config.train.coarse_iterations={coarse!r}: a 4D model "
                           f"({config.model.kind}) needs a fine stage; allowed: 0 <= coarse_iterations < "
                           f"train.iterations={total}")
+
+
+def check_parallel(config, n_devices: int) -> None:
+    """The global batch of views must split evenly over the run's `n_devices` devices (all processes together)."""
+    v = config.train.views_per_step
+    if _is_int(v) and v % n_devices != 0:
+        raise ConfigError(f"invalid config:\n  config.train.views_per_step={v!r}: the views of a step are split evenly "
+                          f"over the {n_devices} devices of the run (config.parallel.devices="
+                          f"{config.parallel.devices!r}); allowed: a multiple of {n_devices}")

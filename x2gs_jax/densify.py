@@ -78,6 +78,29 @@ def accumulate(stats: DensifyStats, ndc_grad: jax.Array, radii: jax.Array) -> De
     )
 
 
+def render_increments(ndc_grads: jax.Array, radii: jax.Array) -> DensifyStats:
+    """The statistics of V renders as one increment for `add_increments`: per slot the sum of the gradient norms and
+    the count over the renders where the Gaussian was visible, and its largest radius there (0 if never visible).
+
+    Args:
+      ndc_grads: [V, C, 2] gradient of each render's loss w.r.t. each Gaussian's 2-D NDC centre.
+      radii: [V, C] screen radius in pixels (0 = not rendered).
+    Increments of several devices add up (sums) and combine by max (radii) before `add_increments`.
+    """
+    visible = radii > 0
+    norm = jnp.sqrt(jnp.sum(jnp.square(ndc_grads.astype(jnp.float32)), axis=-1))
+    return DensifyStats(grad_accum=jnp.sum(jnp.where(visible, norm, 0.0), axis=0),
+                        count=jnp.sum(visible.astype(jnp.int32), axis=0),
+                        max_radii=jnp.max(jnp.where(visible, radii.astype(jnp.float32), 0.0), axis=0))
+
+
+def add_increments(stats: DensifyStats, inc: DensifyStats) -> DensifyStats:
+    """`stats` after the renders of `inc` (`render_increments`); one render gives exactly `accumulate`'s result
+    (radii are >= 0, so max(old, 0) = old where the Gaussian was not visible)."""
+    return DensifyStats(grad_accum=stats.grad_accum + inc.grad_accum, count=stats.count + inc.count,
+                        max_radii=jnp.maximum(stats.max_radii, inc.max_radii))
+
+
 def is_densify_iteration(it, *, interval: int = 100, start: int = 500, until: int = 15000):
     """True at the reference's densify iterations: start < it < until and it % interval == 0 (works on tracers)."""
     return (it > start) & (it < until) & (it % interval == 0)

@@ -77,20 +77,27 @@ def pytree_keys(params: dict) -> list[str]:
     return [k for k in params if k not in GAUSSIAN_KEYS and not hasattr(params[k], "shape")]
 
 
-def export_inference(workdir: str, state: TrainState, config, case: Case) -> None:
-    """The inference export (module docstring): Gaussians, the model's parameters and state, config, scanner."""
+def export_inference(workdir: str, state: TrainState, config, case: Case, writer: bool = True) -> None:
+    """The inference export (module docstring): Gaussians, the model's parameters and state, config, scanner.
+
+    Multi-process runs call it on every process with the replicated state: orbax's saves need every process (it
+    writes once), the other files are written by the `writer` process alone."""
     import orbax.checkpoint as ocp
 
     out = os.path.join(workdir, "export")
-    os.makedirs(out, exist_ok=True)
-    flat = {"active": state.active, **{k: state.params[k] for k in GAUSSIAN_KEYS}}
-    flat.update({k: state.params[k] for k in array_keys(state.params)})
-    atomic_write_bytes(os.path.join(out, "gaussians.npz"), _npz_bytes(flat))
-    if state.model_state:
-        atomic_write_bytes(os.path.join(out, "model_state.npz"), _npz_bytes(state.model_state))
+    if writer:
+        os.makedirs(out, exist_ok=True)
+        flat = {"active": state.active, **{k: state.params[k] for k in GAUSSIAN_KEYS}}
+        flat.update({k: state.params[k] for k in array_keys(state.params)})
+        atomic_write_bytes(os.path.join(out, "gaussians.npz"), _npz_bytes(flat))
+        if state.model_state:
+            atomic_write_bytes(os.path.join(out, "model_state.npz"), _npz_bytes(state.model_state))
     for k in pytree_keys(state.params):
+        # Host copies: the export records no device layout (a tree saved from N devices restores anywhere).
         with ocp.StandardCheckpointer() as ckptr:  # context: waits for the async write to finish
-            ckptr.save(os.path.abspath(os.path.join(out, k)), state.params[k], force=True)
+            ckptr.save(os.path.abspath(os.path.join(out, k)), jax.device_get(state.params[k]), force=True)
+    if not writer:
+        return
     meta = {"config": json.loads(config.to_json_best_effort()), "scanner": {k: (v.tolist() if hasattr(v, "tolist") else v)
             for k, v in case.scanner.to_naf().items()}, "scene_scale": case.scanner.scene_scale,
             "step": int(state.step), "scale_bound": state.scale_bound}

@@ -139,6 +139,22 @@ def eval_images(gt_volume: np.ndarray, pred_volume: np.ndarray, gt_proj: Optiona
     return {k: np.clip(v, 0.0, 1.0) for k, v in out.items()}
 
 
+class NullLogger:
+    """The logger of a process that writes no files (every process of a multi-process run but process 0)."""
+
+    def write(self, step: int, record: dict, prefix: str = "train"):
+        pass
+
+    def add_images(self, step: int, images: dict) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self):
+        pass
+
+
 class PhaseTimer:
     """Wall seconds per phase of the loop (data_generation (once, cached), setup, trace_and_lower and xla_compile of each new step function,
     steps, densify, eval, checkpoint, export): written to metrics.jsonl as one `timing` record, so a slow run

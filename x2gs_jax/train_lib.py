@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from x2gs_jax import compile_cache
 from x2gs_jax import evaluation as E
+from x2gs_jax import parallel
 from x2gs_jax.checkpoint import Checkpointer
-from x2gs_jax.config_check import check_config, check_stages
+from x2gs_jax.config_check import check_config, check_parallel, check_stages
 from x2gs_jax.data.naf import Case, init_path, load_case
 from x2gs_jax.data.prepare import initial_points, resolve_case_path
 from x2gs_jax.densify import DensifyStats
@@ -38,7 +39,7 @@ from x2gs_jax.fileio import atomic_write_bytes
 from x2gs_jax.models import ConfigError, make_model
 from x2gs_jax.models.static import StaticModel
 from x2gs_jax.run_dir import move_aside, plan_run_dir
-from x2gs_jax.run_log import PhaseTimer, RunLogger, eval_images
+from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_state,
                                 scale_bound_from_config, template_state)
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
@@ -67,9 +68,12 @@ def view_index(iteration: int, stage_start: int, n_views: int, seed: int) -> int
 
 
 class TrainData:
-    """Device-resident training data: scene-scaled projections, stacked cameras, times."""
+    """Device-resident training data: scene-scaled projections, stacked cameras, times.
 
-    def __init__(self, case: Case):
+    With a `parallel.Parallel`, every local device of the mesh holds a copy (each gathers its own views of a step:
+    `sharded_batch`); `images`, `cameras` and `times` are then the copy on the first one."""
+
+    def __init__(self, case: Case, par: Optional[parallel.Parallel] = None):
         sc = case.scanner
         self.scanner = sc
         self.n_train = len(case.train)
@@ -77,11 +81,20 @@ class TrainData:
         self.cameras = jax.vmap(sc.camera)(jnp.asarray(case.train.angles, jnp.float32))
         times = case.train.times if case.train.times is not None else np.zeros(self.n_train)
         self.times = jnp.asarray(times, jnp.float32)
+        self._par = par
+        if par is not None:
+            self._replicas = par.per_device({"image": self.images, "camera": self.cameras, "time": self.times})
+            first = self._replicas[0]
+            self.images, self.cameras, self.times = first["image"], first["camera"], first["time"]
 
     def batch(self, indices) -> dict:
         idx = jnp.asarray(indices, jnp.int32)
         return {"image": self.images[idx], "camera": jax.tree.map(lambda x: x[idx], self.cameras),
                 "time": self.times[idx]}
+
+    def sharded_batch(self, views) -> dict:
+        """The batches of views [K, B] as arrays [K, B, ...] split over the mesh (needs `par`)."""
+        return self._par.gather_views(self._replicas, views)
 
 
 def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[int], views: int = 16) -> int:
@@ -160,18 +173,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timer = PhaseTimer()
     t_phase = time.perf_counter()
     check_config(config)
+    # The mesh (and jax.distributed, before any JAX computation): the state is replicated on every device, each
+    # step's views are split over them. Every process runs this function; process 0 alone writes the run's files.
+    par = parallel.setup(config)
+    check_parallel(config, par.n_devices)
+    writer = par.is_writer
     mode = plan_run_dir(workdir, config.resume, bool(config.overwrite))
     compile_cache.enable(config.get("compile_cache_dir", "auto"))
     # One-time data preparation (the embedded phantom, our FDK initialisation; both cached) is timed apart from
-    # the setup, so a run's timing compares with the reference, which reads a prepared case.
-    case_path = resolve_case_path(config)
+    # the setup, so a run's timing compares with the reference, which reads a prepared case. Process 0 prepares
+    # first, the others then read its cache.
+    case_path = _writer_first(par, "case", lambda: resolve_case_path(config))
     t_phase = timer.since("data_generation", t_phase)
     case = load_case(case_path)
     model = make_model(config, case)
     check_stages(config, model.is_4d)
     t_init = time.perf_counter()
     init_before = _mtime(init_path(case_path))
-    points = initial_points(case_path, case, config)
+    points = _writer_first(par, "init", lambda: initial_points(case_path, case, config))
     if _mtime(init_path(case_path)) != init_before:  # the FDK initialisation ran
         timer.add("data_generation", time.perf_counter() - t_init)
         t_phase += time.perf_counter() - t_init  # not part of the setup phase
@@ -179,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total = int(config.train.iterations)
     own = Checkpointer(workdir, keep=config.checkpoint.keep, read_only=True) if mode == "continue" else None
     try:
-        state, damaged = _start_state(config, case, points, model, own)
+        state, damaged = _start_state(config, case, points, model, own, par)
     finally:
         if own is not None:
             own.close()
@@ -188,21 +207,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"nothing was run or written (pass a larger --config.train.iterations to continue training)")
         return {}
 
-    # From here on the run directory is written: the old run moved aside (overwrite), or continued in place.
-    if mode == "replace":
-        print(f"config.overwrite: moved the old run aside to {move_aside(workdir)}")
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(workdir, config, int(state.step) if mode == "continue" else None)
+    # From here on the run directory is written (by process 0): the old run moved aside (overwrite), or continued
+    # in place. Every process saves checkpoints and the export's orbax trees together (orbax writes them once).
+    if writer:
+        if mode == "replace":
+            print(f"config.overwrite: moved the old run aside to {move_aside(workdir)}")
+        os.makedirs(workdir, exist_ok=True)
+        _write_config(workdir, config, int(state.step) if mode == "continue" else None)
+    par.barrier("x2gs-run-dir")
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep,
                         verify_writes=config.checkpoint.get("verify_writes", True))
     if damaged:
-        moved = ckpt.set_aside([s for s, _ in damaged])
-        print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
-    data = TrainData(case)
+        if writer:
+            moved = ckpt.set_aside([s for s, _ in damaged])
+            print(f"damaged checkpoints moved aside (kept, not used): {', '.join(moved)}", file=sys.stderr)
+        par.barrier("x2gs-set-aside")
+        ckpt.reload()
+    data = TrainData(case, par)
     sc = case.scanner
     # A resumed run drops what the interrupted one logged past the restored step (it is logged again).
-    logger = RunLogger(workdir, tensorboard=config.log.tensorboard,
-                       resume_step=int(state.step) if config.resume else None)
+    logger = (RunLogger(workdir, tensorboard=config.log.tensorboard,
+                        resume_step=int(state.step) if config.resume else None) if writer else NullLogger())
     if config.resume:
         logger.write(int(state.step), {"damaged_steps": [s for s, _ in damaged]}, prefix="resume")
     timer.since("setup", t_phase)
@@ -216,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_fns = {}  # compiled evaluation functions, reused by every evaluation (see evaluate)
     last_report = {}
     report = {}
-    bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True, disable=not writer)
     try:
         while int(state.step) < total:
             it0 = int(state.step) + 1
@@ -234,24 +259,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             n_scan = padded_length(len(its), config.train.steps_per_call)
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, n_scan)
-            V = int(config.train.views_per_step)
-            views = np.array([[view_index((it - 1) * V + j + 1, stage_start, data.n_train, config.seed)
-                               for j in range(V)] for it in its_padded])
-            keys = jax.vmap(lambda i: jax.random.fold_in(state.key, i))(jnp.asarray(its_padded, jnp.int32))
-            args = (state, data.batch(views), keys, jnp.int32(len(its)))
+            B = int(config.train.views_per_step)  # the global batch: view j of iteration it, split over the mesh
+            views = np.array([[view_index((it - 1) * B + j + 1, stage_start, data.n_train, config.seed)
+                               for j in range(B)] for it in its_padded])
+            base_key = par.local(state.key)
+            keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(its_padded, jnp.int32))
+            state = par.replicate(state)  # a no-op unless densification, growth or a stage switch made a new one
+            args = (state, data.sharded_batch(views), par.replicate(keys), par.replicate(jnp.int32(len(its))))
             if fn_key not in steps:
                 # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
                 # compiled here, by jax-triton) and XLA's compilation.
                 t_start = time.perf_counter()
                 settings = step_settings(config, sc, stage, max_pairs, stage_end)
                 opt = build_optimizer(config, state.params, model)
-                lowered = jax.jit(make_multi_step(make_train_step(model, settings, opt)), donate_argnums=0).lower(*args)
+                multi = make_multi_step(make_train_step(model, settings, opt, axis_name=parallel.AXIS))
+                lowered = jax.jit(par.shard(multi), donate_argnums=0).lower(*args)
                 t_lowered = timer.since("trace_and_lower", t_start)
                 steps[fn_key] = lowered.compile()
                 t_compiled = timer.since("xla_compile", t_lowered)
                 # One `compile` record per step function: which stage, capacity and pair buffer cost how much.
                 logger.write(it0, {"fine_stage": stage == "fine", "capacity": state.capacity,
-                                   "max_pairs": max_pairs or 0, "scan_length": n_scan,
+                                   "max_pairs": max_pairs or 0, "scan_length": n_scan, "devices": par.n_devices,
                                    "trace_and_lower_s": t_lowered - t_start,
                                    "xla_compile_s": t_compiled - t_lowered}, prefix="compile")
             t0 = time.perf_counter()
@@ -275,12 +303,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if int(state.step) < end:
                 # The rasterizer needed more (Gaussian, tile) pairs than its static buffer holds: the state stopped
                 # before that iteration, so size the buffer from the current Gaussians and redo from there.
-                max_pairs = grown_pair_capacity(state, data, max_pairs)
+                max_pairs = grown_pair_capacity(par.local(state), data, max_pairs)
                 continue
             it = end
             t_phase = time.perf_counter()
             if is_densify_iteration(it, step_settings(config, sc, stage, max_pairs, stage_end)):
-                state, info = densify_step(state, config, sc, it, model)
+                # On this process's first device (every process does the same), then replicated again.
+                state, info = densify_step(par.local(state), config, sc, it, model)
+                state = par.replicate(state)
                 jax.block_until_ready(state.active)
                 t_phase = timer.since("densify", t_phase)
                 if bool(info.get("overflow", False)):
@@ -288,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if int(info["num_active"]) == 0:
                     raise RuntimeError(f"no Gaussians left after densify/prune at iteration {it}")
             if it in tuple(config.eval.iterations) or it == total:
-                report = evaluate(state, model, case, config, stage, eval_fns)
+                report = evaluate(par.local(state), model, case, config, stage, eval_fns)
                 vols = report.pop("volumes")
                 val_pred = report.pop("val_pred", None)
                 logger.write(it, report, prefix="eval")
@@ -296,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 logger.add_images(it, eval_images(gt0, vols[0], *(
                     (case.val.projections[0] * sc.scene_scale, val_pred[0]) if val_pred is not None else ())))
                 last_report = {"psnr3d": f"{report['psnr_3d_mean']:.2f}"}
-                if it == total:
+                if it == total and writer:
                     times_s = np.asarray(model.eval_times(case)) * float(config.data.scan_s) if model.is_4d else None
                     save_outputs(workdir, {**report, "volumes": vols}, case, times_s)
                 t_phase = timer.since("eval", t_phase)
@@ -305,11 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.save(it, state, checkpoint_meta(state, config, stage))
                 timer.since("checkpoint", t_phase)
         t_phase = time.perf_counter()
-        export_inference(workdir, state, config, case)
+        export_inference(workdir, state, config, case, writer=writer)
         timer.since("export", t_phase)
         timing = timer.report()
         logger.write(int(state.step), timing, prefix="timing")
-        print("time per phase: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()))
+        if writer:
+            print("time per phase: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()))
     finally:
         bar.close()
         logger.close()
@@ -362,17 +393,28 @@ def _mtime(path: str) -> Optional[int]:
     return os.stat(path).st_mtime_ns if os.path.exists(path) else None
 
 
-def _start_state(config, case, points, model, own: Optional[Checkpointer]) -> tuple[TrainState, list]:
-    """(the state before the first iteration to run, damaged checkpoint steps skipped (own run only)).
+def _writer_first(par: parallel.Parallel, name: str, fn):
+    """fn() on process 0, then (after a barrier) on the others: files it caches are made once."""
+    out = fn() if par.is_writer else None
+    par.barrier(f"x2gs-{name}")
+    return out if par.is_writer else fn()
+
+
+def _start_state(config, case, points, model, own: Optional[Checkpointer],
+                 par: parallel.Parallel) -> tuple[TrainState, list]:
+    """(the state before the first iteration to run, replicated on the mesh; damaged checkpoint steps skipped (own
+    run only)).
 
     Fresh (no config.resume) or restored from the newest intact checkpoint of config.resume (`own`: the run's own
-    checkpoints, when it continues in place). Raises ConfigError for a resume that cannot work."""
+    checkpoints, when it continues in place) straight onto this run's mesh (checkpoints are device-count
+    independent). Raises ConfigError for a resume that cannot work."""
     total = int(config.train.iterations)
     if not config.resume:
-        return init_state(config, case, points, model), []
+        return par.replicate(init_state(config, case, points, model)), []
     src = own or Checkpointer(config.resume, read_only=True)
     try:
-        state, _ = src.restore(lambda meta: template_state(config, case, points, model, meta))
+        state, _ = src.restore(lambda meta: template_state(config, case, points, model, meta),
+                               sharding=par.replicated)
     except FileNotFoundError as err:
         raise ConfigError(f"config.resume={config.resume!r}: {err} (nothing to resume; start a new run without "
                           f"--config.resume)") from err
@@ -383,7 +425,8 @@ def _start_state(config, case, points, model, own: Optional[Checkpointer]) -> tu
     if step > total:
         raise ConfigError(f"config.train.iterations={total}: the checkpoint to resume ({src.directory}) is at step "
                           f"{step}; allowed: train.iterations >= {step} (a run does not go back)")
-    print(f"resumed from {src.directory} at step {step}")
+    if par.is_writer:
+        print(f"resumed from {src.directory} at step {step}")
     return state, (list(src.damaged) if own is not None else [])
 
 

@@ -1,9 +1,17 @@
 """One jit-compiled, pure training step: (state, batch, key) -> (state, metrics).
 
-The step renders every view of the batch (leading view axis V, default 1 as the reference), computes
-the losses of gaussians.md §5 (+ the 4D terms of x2gaussian.md §8 supplied by the model), takes one
-gated optimiser step and accumulates the densification statistics. Densify/prune itself runs between
-steps (it may change buffer capacities, which happens outside jit).
+The step renders every view of the batch, computes the losses of gaussians.md §5 (+ the 4D terms of x2gaussian.md
+§8 supplied by the model), takes one gated optimiser step and accumulates the densification statistics.
+Densify/prune itself runs between steps (it may change buffer capacities, which happens outside jit).
+
+A batch of B views (config.train.views_per_step; 1 in the reference) has the mean of its views' losses as its loss;
+a view's loss is the single-view loss of `make_loss_fn` (its render, the 3D TV patch at its time, the model's
+terms) with the view's own key, so B = 1 is the single-view step and the result does not depend on how the views
+are split over devices. Data parallel (`x2gs_jax.parallel`): with `axis_name`, the step runs per device inside
+`shard_map` on V = B / N of the views and reduces explicitly over the axis: parameter gradients summed (then / B),
+loss metrics summed (then / B), densification statistics summed (count, gradient norms) or maxed (radii), the
+pair-buffer overflow maxed. Everything else is computed from replicated values, so every device ends the step
+with the same state.
 
 Iteration numbering follows the reference: the step performs iteration `it = state.step + 1` (1-based).
 Gates (x2gaussian.md §9): Gaussian attributes are not updated on a densify iteration; no group steps on
@@ -21,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from x2gs_jax import losses
-from x2gs_jax.densify import accumulate
+from x2gs_jax.densify import add_increments, render_increments
 from x2gs_jax.densify import is_densify_iteration as densify_iteration
 from x2gs_jax.models.base import check_view_gaussians
 from x2gs_jax.render import Grid, rasterize, voxelize
@@ -65,8 +73,9 @@ def _render_view(gaussians, camera, ndc_offset, settings: StepSettings):
 
 
 def make_loss_fn(model, settings: StepSettings):
-    """loss(params, ndc_offsets, active, model_state, batch, key, it) -> (total, aux); `model` implements
-    x2gs_jax.models.DeformationModel."""
+    """loss(params, ndc_offsets, active, model_state, batch, key, it) -> (total, (metrics, images, aux)); `model`
+    implements x2gs_jax.models.DeformationModel. The step calls it with one view (V = 1: the single-view loss of
+    the module docstring); with V views it renders them all but takes the TV patch at the first view's time."""
 
     def loss_fn(params, ndc_offsets, active, model_state, batch, key, it):
         canonical = gaussians_from_params(params, active, settings.scale_bound)
@@ -88,7 +97,7 @@ def make_loss_fn(model, settings: StepSettings):
         metrics = {f"loss_{k}": jnp.mean(v) for k, v in terms.items()}
 
         if settings.lambda_tv > 0:
-            # 3D TV on a random 32^3 patch at the first view's time (gaussians.md §5, x2gaussian.md §8).
+            # 3D TV on a random 32^3 patch at the (first) view's time (gaussians.md §5, x2gaussian.md §8).
             size = jnp.asarray(settings.tv_size, jnp.float32)
             center = losses.tv_patch_center(key_tv, jnp.asarray(settings.bbox_min), jnp.asarray(settings.bbox_max), size)
             grid = Grid(n=(settings.tv_n,) * 3, size=size, center=center)
@@ -109,22 +118,76 @@ def make_loss_fn(model, settings: StepSettings):
     return loss_fn
 
 
-def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTransformationExtraArgs) -> Callable:
+def view_keys(key: jax.Array, first: jax.Array, n: int, batch: int) -> jax.Array:
+    """Keys [n, 2] of the views first .. first + n - 1 (0-based indices in the global batch of `batch` views).
+
+    A batch of one view uses the iteration's key itself (the single-view step); otherwise view j gets
+    fold_in(key, j). The global index, not the device, decides the key: any split of the batch over devices
+    draws the same numbers."""
+    if batch == 1:
+        return key[None]
+    return jax.vmap(lambda j: jax.random.fold_in(key, j))(first + jnp.arange(n, dtype=jnp.int32))
+
+
+def make_batch_loss(model, settings: StepSettings) -> Callable:
+    """loss(params, ndc_offsets, active, model_state, batch, keys, it) -> (sum of the V views' losses,
+    (metrics {name: [V]}, RenderAux with a leading [V])).
+
+    batch: V views ({"image": [V,H,W], "camera": Camera[V], "time": [V]}); keys: [V, 2] (`view_keys`);
+    ndc_offsets: [1, C, 2] when V = 1 (the single-view loss, called as is) else [V, 1, C, 2] (one vmap over the
+    views of the single-view loss)."""
+    view_loss = make_loss_fn(model, settings)
+
+    def batch_loss(params, ndc_offsets, active, model_state, batch, keys, it):
+        if keys.shape[0] == 1:
+            total, (metrics, _, aux) = view_loss(params, ndc_offsets, active, model_state, batch, keys[0], it)
+            return total, (jax.tree.map(lambda x: x[None], metrics), aux)
+        one_view = jax.tree.map(lambda x: x[:, None], batch)  # [V, 1, ...]: V single-view batches
+        totals, (metrics, _, aux) = jax.vmap(view_loss, in_axes=(None, 0, None, None, 0, 0, None))(
+            params, ndc_offsets, active, model_state, one_view, keys, it)
+        return jnp.sum(totals), (metrics, jax.tree.map(lambda x: x[:, 0], aux))
+
+    return batch_loss
+
+
+def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTransformationExtraArgs,
+                    axis_name: Optional[str] = None) -> Callable:
     """Build the pure step (state, batch, key) -> (state, metrics); jit it with donate_argnums=0.
 
-    batch: {"image": [V,H,W] scene-scaled projections, "camera": Camera batched over V, "time": [V]}.
-    If the rasterizer reports a pair-capacity overflow the state is returned unchanged with
+    batch: {"image": [V,H,W] scene-scaled projections, "camera": Camera batched over V, "time": [V]}: the whole
+    batch (B = V), or with `axis_name` this device's V consecutive views of the global batch B = V x the axis size
+    (the step then runs inside `shard_map` over that mesh axis; see the module docstring). key: the iteration's
+    key (the same on every device). Metrics are the global batch's (loss terms: means over its views).
+    If the rasterizer reports a pair-capacity overflow (on any device) the state is returned unchanged with
     metrics["overflow"] = True, so the caller can grow the capacity and redo the iteration.
     """
-    loss_fn = make_loss_fn(model, settings)
+    batch_loss = make_batch_loss(model, settings)
+
+    def spread() -> bool:  # a mesh axis of more than one device (one device: no collectives, the plain program)
+        return axis_name is not None and jax.lax.axis_size(axis_name) > 1
+
+    def allsum(x):
+        return jax.lax.psum(x, axis_name) if spread() else x
+
+    def allmax(x):
+        return jax.lax.pmax(x, axis_name) if spread() else x
 
     def step(state: TrainState, batch: Mapping[str, Any], key: jax.Array):
         it = state.step + 1
         V = batch["image"].shape[0]
-        ndc_offsets = jnp.zeros((V, state.capacity, 2), jnp.float32)
-        (loss, (metrics, images, aux)), (grads, ndc_grads) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(state.params, ndc_offsets, state.active, state.model_state, batch,
-                                                   key, it)
+        n_dev = jax.lax.axis_size(axis_name) if spread() else 1
+        B = V * n_dev  # static
+        first = jax.lax.axis_index(axis_name) * V if spread() else jnp.zeros((), jnp.int32)
+        keys = view_keys(key, first, V, B)
+        ndc_shape = (1, state.capacity, 2) if V == 1 else (V, 1, state.capacity, 2)
+        (_, (view_metrics, aux)), (grads, ndc_grads) = jax.value_and_grad(
+            batch_loss, argnums=(0, 1), has_aux=True)(state.params, jnp.zeros(ndc_shape, jnp.float32), state.active,
+                                                      state.model_state, batch, keys, it)
+        # d(sum of the batch's view losses): summed over the devices, / B = the gradient of the batch's mean loss.
+        grads = allsum(grads)
+        if B > 1:
+            grads = jax.tree.map(lambda g: g / B, grads)
+        metrics = {k: _reduce_metric(v, B, allsum) for k, v in view_metrics.items()}
 
         densify_now = is_densify_iteration(it, settings)
         not_last = it != settings.stage_end
@@ -134,14 +197,16 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=it, gates=gates)
         params = optax.apply_updates(state.params, updates)
 
-        stats = state.stats
-        for v in range(V):  # each rendered view counts as one visit (reference: one view per iteration)
-            stats = accumulate(stats, ndc_grads[v], aux.radii[v])
+        # Each rendered view counts as one visit with its own loss's NDC gradient (reference: one view per
+        # iteration), whatever the batch size; the views' sums (maxima for radii) are reduced over the devices.
+        inc = render_increments(ndc_grads.reshape(V, state.capacity, 2), aux.radii)
+        inc = inc.replace(grad_accum=allsum(inc.grad_accum), count=allsum(inc.count),
+                          max_radii=allmax(inc.max_radii))
+        stats = add_increments(state.stats, inc)
 
-        overflow = jnp.any(aux.overflow)
+        overflow = allmax(jnp.any(aux.overflow).astype(jnp.int32)) > 0
         new_state = state.replace(step=it, params=params, opt_state=opt_state, stats=stats)
         new_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new), new_state, state)
-        metrics = dict(metrics)
         metrics["overflow"] = overflow
         metrics["num_gaussians"] = jnp.sum(state.active.astype(jnp.int32))
         # The guard: loss terms and the updated parameters. The renderer drops a Gaussian with a NaN attribute, so
@@ -153,6 +218,16 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         return new_state, metrics
 
     return step
+
+
+def _reduce_metric(v: jax.Array, batch: int, allsum: Callable) -> jax.Array:
+    """A per-view metric [V] over the global batch: floats -> mean, booleans -> all, integers -> sum."""
+    if jnp.issubdtype(v.dtype, jnp.bool_):
+        return allsum(jnp.sum(~v, dtype=jnp.int32)) == 0
+    if jnp.issubdtype(v.dtype, jnp.integer):
+        return allsum(jnp.sum(v))
+    total = allsum(jnp.sum(v))
+    return total / batch if batch > 1 else total
 
 
 NONFINITE_PREFIX = "nonfinite_"  # metrics["nonfinite_<key>"]: non-finite entries of params[<key>] after the step
