@@ -2,6 +2,7 @@
 
   python bench/tidal.py --config configs/x2_gaussian.py:ref64 --points 600           # 64³ grid, 50k Gaussians
   python bench/tidal.py --config configs/x2_gaussian.py --points 600                 # 128³ grid, 50k Gaussians
+  python bench/tidal.py --config configs/x2_gaussian.py --gaussians 220000 --points 600   # 128³, a trained run's count
   python bench/tidal.py --workdir runs/x2 --points 600                               # a trained run
 
 With --config the model is the config's X2 model at initialisation (FDK-initialised Gaussians, the default
@@ -37,10 +38,12 @@ def load_config(spec: str):
     return module.get_config(variant or None)
 
 
-def run_from_config(spec: str, cache: str) -> eval_lib.Run:
+def run_from_config(spec: str, cache: str, gaussians: int = 0) -> eval_lib.Run:
     config = load_config(spec)
     if cache:
         config.data.cache_dir = cache
+    if gaussians:  # as many Gaussians as a trained run has (the FDK initialisation samples that many points)
+        config.data.init.n_points = int(gaussians)
     case_path = train_lib.resolve_case_path(config)
     case = load_case(case_path)
     model = train_lib.make_model(config, case)
@@ -58,6 +61,7 @@ def main():
     src.add_argument("--config", help="config file[:variant] (model at initialisation)")
     src.add_argument("--workdir", help="a trained run directory")
     ap.add_argument("--cache", default="", help="data cache folder (--config)")
+    ap.add_argument("--gaussians", type=int, default=0, help="--config: initial Gaussians (0: the config's)")
     ap.add_argument("--points", type=int, default=600)
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -65,7 +69,7 @@ def main():
                     help="fixed air threshold (default: the automatic per-volume segmentation)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    run = run_from_config(args.config, args.cache) if args.config else eval_lib.load_run(args.workdir)
+    run = run_from_config(args.config, args.cache, args.gaussians) if args.config else eval_lib.load_run(args.workdir)
     if not run.is_4d:
         raise SystemExit("bench/tidal.py: the run is not a 4D model")
     t0 = time.perf_counter()
