@@ -221,7 +221,7 @@ def _zero(tree):
     return all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(tree))
 
 
-def test_boosted_losses_gradients_and_faithful_cache_semantics():
+def test_boosted_losses_and_gradients():
     # M1 + M3 + M4 on, BERT mask on: every term present, L_gate reaches the uncertainty head.
     model, params, ms, g = _boosted(fusion_mode="uncertainty_gated", m1_lambda_gate=1.0, lp_enable=True,
                                     lp_subsample=40, decouple_enable=True, decouple_subsample=30, mask_ratio=0.25,
@@ -231,6 +231,22 @@ def test_boosted_losses_gradients_and_faithful_cache_semantics():
         assert k in m and np.isfinite(float(m[k])), k
     assert float(m["loss_lp"]) > 0 and float(m["loss_decouple"]) > 0
     assert not _zero(grads["uncertainty"]) and not _zero(grads["field"]["grid"])
+    # Coarse stage: nothing.
+    assert _grads(model, params, ms, g, stage="coarse")[0] == 0.0
+    # The TV patch sees stop-gradient geometry: only the density gets gradient through it.
+    def through_tv(p):
+        r = model.regulariser_gaussians(gaussians_from_params(p, g.active, None))
+        return jnp.sum(r.density) + jnp.sum(r.xyz) + jnp.sum(r.scaling) + jnp.sum(r.rotation)
+
+    gt = jax.grad(through_tv)(params)
+    assert _zero(gt["xyz"]) and _zero(gt["scaling"]) and _zero(gt["rotation"]) and not _zero(gt["density"])
+
+
+@pytest.mark.slow
+def test_faithful_cache_semantics_and_m34_switch():
+    _, params, ms, g = _boosted(fusion_mode="uncertainty_gated", m1_lambda_gate=1.0, lp_enable=True,
+                                lp_subsample=40, decouple_enable=True, decouple_subsample=30, mask_ratio=0.25,
+                                phys_warmup_steps=0)
     # The reference's cache clobbering: a TV pass in the iteration zeroes L_phys and stops L_smooth / L_gate / L_LP.
     faithful, *_ = _boosted(fusion_mode="uncertainty_gated", m1_lambda_gate=1.0, lp_enable=True, lp_subsample=40,
                             mask_ratio=0.25, phys_warmup_steps=0, faithful_cache_semantics=True, disable_4d_tv=True,
@@ -244,17 +260,9 @@ def test_boosted_losses_gradients_and_faithful_cache_semantics():
     # M3/M4 inert outside bounded_perturb only with the reference's switch.
     ref, *_ = _boosted(lp_enable=True, decouple_enable=True, m34_bounded_perturb_only=True)
     assert not {"loss_lp", "loss_decouple"} & set(_grads(ref, params | {"balance": jnp.float32(2.0)}, ms, g)[1])
-    # Coarse stage: nothing.
-    assert _grads(model, params, ms, g, stage="coarse")[0] == 0.0
-    # The TV patch sees stop-gradient geometry: only the density gets gradient through it.
-    def through_tv(p):
-        r = model.regulariser_gaussians(gaussians_from_params(p, g.active, None))
-        return jnp.sum(r.density) + jnp.sum(r.xyz) + jnp.sum(r.scaling) + jnp.sum(r.rotation)
-
-    gt = jax.grad(through_tv)(params)
-    assert _zero(gt["xyz"]) and _zero(gt["scaling"]) and _zero(gt["rotation"]) and not _zero(gt["density"])
 
 
+@pytest.mark.slow
 def test_decoupling_modes_fixed_vs_faithful():
     for mode in ("velocity_corr", "stochastic_jacobian_corr"):
         model, params, ms, g = _boosted(decouple_enable=True, decouple_mode=mode, decouple_subsample=25,
@@ -408,6 +416,7 @@ def _cmd(workdir, cache, *extra, config="configs/physx_boosted.py:tiny"):
             "--config.train.steps_per_call=2", *extra]
 
 
+@pytest.mark.slow
 def test_exact_continuation_of_a_boosted_tiny_run(tmp_path):
     """Bounded perturbation (ρ trained, frozen until 9) + BERT mask + M3 + M4 on `physx_boosted:tiny`: uninterrupted
     == killed after its first checkpoint (step 8) + restored in a fresh process, across the densification at 12:
@@ -452,6 +461,7 @@ def test_exact_continuation_of_a_boosted_tiny_run(tmp_path):
     assert recs[-1]["loss_decouple"] > 0
 
 
+@pytest.mark.slow
 def test_boosted_demo_through_train_py_and_eval_py(tmp_path):
     """`physx_boosted:demo` (shortened, α learned at 1e-3) through train.py and eval.py, and the β visualisation."""
     cache, run = str(tmp_path / "cache"), tmp_path / "run"

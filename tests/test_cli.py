@@ -32,7 +32,7 @@ def test_pyproject_pins_agree_with_requirements_txt():
     test = {_key(d) for d in project["optional-dependencies"]["test"]}
     assert runtime | test == {_key(ln) for ln in lines}
     assert not runtime & test
-    assert {k[0] for k in test} == {"pytest", "scikit-image", "simpleitk", "tensorboard"}
+    assert {k[0] for k in test} == {"pytest", "pytest-xdist", "scikit-image", "simpleitk", "tensorboard"}
     assert {"nibabel", "tensorboardx", "imageio-ffmpeg"} <= {k[0] for k in runtime}
 
 

@@ -60,7 +60,7 @@ def _loss(model, params, active, batch, it, joint):
     return main + extra, terms
 
 
-@pytest.mark.parametrize("it", [3, 9])  # before / after periodic_start = 5
+@pytest.mark.parametrize("it", [3, pytest.param(9, marks=pytest.mark.slow)])  # before / after periodic_start = 5
 def test_joint_deformation_matches_separate_deformations(it):
     model, params, active, batch = _setup()
     grad = lambda joint: jax.jit(jax.value_and_grad(  # noqa: E731

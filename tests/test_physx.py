@@ -355,6 +355,7 @@ def _cmd(workdir, cache, *extra, config="configs/physx.py:tiny"):
             "--config.train.steps_per_call=2", *extra]
 
 
+@pytest.mark.slow
 def test_exact_continuation_of_a_physx_tiny_run(tiny, tmp_path):
     """Uninterrupted `physx:tiny` (16 iterations, densify at 4, 8, 12, fine stage from 7, L_phys from 8) ==
     a run killed after its first checkpoint + restore in a fresh process: identical losses, parameters, anchors
@@ -387,6 +388,7 @@ def test_exact_continuation_of_a_physx_tiny_run(tiny, tmp_path):
     assert fine and all(r["loss_phys"] > 0 and r["loss_anchor_smooth"] > 0 for r in fine)
 
 
+@pytest.mark.slow
 def test_physx_demo_through_train_py_and_eval_py(tmp_path):
     """`physx:demo` (shortened) through train.py, then eval.py: phase metrics, baselines, tidal curve, no period."""
     cache, run = str(tmp_path / "cache"), tmp_path / "run"

@@ -82,6 +82,7 @@ def _damage(step_dir, how: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run directories
+@pytest.mark.slow
 def test_a_second_run_into_a_finished_run_is_refused_and_changes_nothing(tiny_static_runs, tmp_path):
     run = _copy_run(tiny_static_runs, tmp_path)
     before = _snapshot(run)

@@ -2,6 +2,7 @@
 noiseless views, Gaussian reconstruction beats FDK from the same views (the full-size run and its
 figures are in README.md / BENCHMARKS.md)."""
 import numpy as np
+import pytest
 
 from configs import r2_static
 from x2gs_jax import train_lib
@@ -10,6 +11,7 @@ from x2gs_jax.data.naf import load_case
 from x2gs_jax.metrics import volume_metrics_host
 
 
+@pytest.mark.slow
 def test_static_reconstruction_beats_fdk(tmp_path):
     config = r2_static.get_config("tiny")
     config.data.cache_dir = str(tmp_path / "cache")

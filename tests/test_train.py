@@ -189,6 +189,7 @@ def _losses(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_exact_continuation_after_kill(tiny, tmp_path):
     """Uninterrupted 30 iterations == (run killed mid-way) + restore in a fresh process + the rest. Checkpoints every
     7 iterations: the run resumes off a densify iteration (10, 15), so the restored densification statistics are
@@ -283,6 +284,7 @@ def test_pair_buffer_overflow_grows_and_redoes_the_iteration(tiny_static_runs):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_iterations_per_call(tiny, tmp_path):
     """One iteration per jitted call vs 7 per call (padded, masked scans; chunks cut at densify, eval and
     checkpoint iterations): the same parameters and losses."""
@@ -336,6 +338,7 @@ def test_chunks_end_on_boundaries(tiny):
     assert ends == [7, 10, 14, 15, 20]
 
 
+@pytest.mark.slow
 def test_x2_demo_through_train_py_and_exact_continuation(tmp_path):
     """The 4D model at :demo size through train.py (coarse stage, stage switch, fine stage with the periodic
     render): a run killed after its first checkpoint and resumed in a fresh process ends with exactly the

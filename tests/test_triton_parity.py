@@ -313,6 +313,7 @@ def _interpreter_available() -> bool:
 
 @pytest.mark.skipif(not _interpreter_available(), reason="needs triton (interpreter) on a CPU backend")
 @pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.slow
 def test_kernels_in_interpreter_cpu(split, monkeypatch):
     """The same kernels in Triton's interpreter: a tiny cone render (vmapped over 2 views) and a tiny
     voxelization, with half the pair slots they need (both the pair-list and the overflow-fallback paths),
@@ -421,6 +422,7 @@ def _brute_moments(params, tile_box, cot):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _interpreter_available(), reason="needs triton (interpreter) on a CPU backend")
 @pytest.mark.parametrize("culling,mean_grad", [("extent", "true"), ("center", "reference_h2")])  # each mode once
 def test_voxel_gather_backward_in_interpreter_cpu(culling, mean_grad, monkeypatch):
