@@ -128,7 +128,7 @@ def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[in
 
 def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache: Optional[dict] = None) -> dict:
     """Volume metrics (per phase for 4D) and 2D metrics on the val projections, with the predicted volumes
-    (`volumes` [P, nx, ny, nz]) and val renderings (`val_pred` [n_val, H, W], scene-scaled) the caller pops.
+    (`volumes` [P, nx, ny, nz]) and the first val rendering (`val_pred0` [H, W], scene-scaled) the caller pops.
 
     The state enters the compiled functions as arguments (never as closure constants) and `jit_cache` (owned
     by the training loop) keeps them, so every evaluation of a stage at the same capacity reuses one compile."""
@@ -154,7 +154,7 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache
         pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend, params=inputs,
                               jit_cache=stage_cache)
         report.update(E.projection_report(case.val.projections[:n_val] * sc.scene_scale, pred))
-        report["val_pred"] = np.asarray(pred)  # [n_val, H, W] scene-scaled renderings (TensorBoard images)
+        report["val_pred0"] = np.asarray(pred[0])  # [H, W] the first val rendering, scene-scaled (TensorBoard)
     report["volumes"] = vols
     return report
 
@@ -320,11 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if it in tuple(config.eval.iterations) or it == total:
                 report = evaluate(par.local(state), model, case, config, stage, eval_fns)
                 vols = report.pop("volumes")
-                val_pred = report.pop("val_pred", None)
+                val_pred0 = report.pop("val_pred0", None)
                 logger.write(it, report, prefix="eval")
                 gt0 = case.volumes[0] if case.is_4d else case.volumes
                 logger.add_images(it, eval_images(gt0, vols[0], *(
-                    (case.val.projections[0] * sc.scene_scale, val_pred[0]) if val_pred is not None else ())))
+                    (case.val.projections[0] * sc.scene_scale, val_pred0) if val_pred0 is not None else ())))
                 last_report = {"psnr3d": f"{report['psnr_3d_mean']:.2f}"}
                 if it == total and writer:
                     times_s = np.asarray(model.eval_times(case)) * float(config.data.scan_s) if model.is_4d else None

@@ -34,3 +34,17 @@ def show_flags_in_help(holders) -> None:
 
     for holder in holders:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
+
+
+def launch(doc: str, define_flags, flag_holders: dict, main, configs_from_argv: bool = False) -> None:
+    """Start a command under absl: its docstring as the usage, its flags defined (into `flag_holders`) and listed by
+    --help, then `app.run(main)`. configs_from_argv: the config files' folder goes on sys.path first
+    (`put_config_root_on_path`)."""
+    from absl import app
+
+    if configs_from_argv:
+        put_config_root_on_path(sys.argv)
+    use_docstring_as_usage(doc)
+    define_flags()
+    show_flags_in_help(flag_holders.values())
+    app.run(main)

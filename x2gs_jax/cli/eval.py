@@ -94,12 +94,9 @@ def main(argv):
 
 def run() -> None:
     """The `x2gs-eval` console entry point."""
-    from x2gs_jax.cli import show_flags_in_help, use_docstring_as_usage
+    from x2gs_jax.cli import launch
 
-    use_docstring_as_usage(__doc__)
-    define_flags()
-    show_flags_in_help(_FLAGS.values())
-    app.run(main)
+    launch(__doc__, define_flags, _FLAGS, main)
 
 
 if __name__ == "__main__":

@@ -63,13 +63,9 @@ def main(argv):
 
 def run() -> None:
     """The `x2gs-train` console entry point."""
-    from x2gs_jax.cli import put_config_root_on_path, show_flags_in_help, use_docstring_as_usage
+    from x2gs_jax.cli import launch
 
-    put_config_root_on_path(sys.argv)
-    use_docstring_as_usage(__doc__)
-    define_flags()
-    show_flags_in_help(_FLAGS.values())
-    app.run(main)
+    launch(__doc__, define_flags, _FLAGS, main, configs_from_argv=True)
 
 
 if __name__ == "__main__":
