@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from x2gs_jax.data.naf import Case
-from x2gs_jax.fileio import atomic_save_npy, atomic_write_bytes
-from x2gs_jax.nifti import nifti_frame_mm, units_descrip, write_nifti, write_nifti_4d
+from x2gs_jax.fileio import atomic_write_bytes
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState
+from x2gs_jax.volume_export import write_phase_series, write_volume_files
 
 PERIOD_KEY = "period"  # a scalar parameter stored in gaussians.npz (X2's tau)
 
@@ -33,31 +33,13 @@ def save_outputs(workdir: str, report: dict, case: Case, times_s=None) -> None:
     times_s: [P] the phases' times in seconds (4D); the 4D file is written when they are equally spaced.
     """
     vols = report["volumes"]
-    spacing, origin = nifti_frame_mm(case.scanner)
     if case.is_4d:
         os.makedirs(os.path.join(workdir, "volumes"), exist_ok=True)
         for k, v in enumerate(vols):
-            atomic_save_npy(os.path.join(workdir, "volumes", f"vol_pred_T{k}.npy"), v)
-            write_nifti(os.path.join(workdir, "volumes", f"vol_pred_T{k}.nii.gz"), v, spacing, origin,
-                        units_descrip("mu"))
-        step = uniform_step(times_s)
-        if step is not None:
-            write_nifti_4d(os.path.join(workdir, "volumes", "vol_pred_4d.nii.gz"), vols, spacing, origin, step,
-                           float(times_s[0]), units_descrip("mu"))
+            write_volume_files(os.path.join(workdir, "volumes", f"vol_pred_T{k}"), v, case.scanner)
+        write_phase_series(os.path.join(workdir, "volumes", "vol_pred_4d.nii.gz"), vols, times_s, case.scanner)
     else:
-        atomic_save_npy(os.path.join(workdir, "volume.npy"), vols[0])
-        write_nifti(os.path.join(workdir, "volume.nii.gz"), vols[0], spacing, origin, units_descrip("mu"))
-
-
-def uniform_step(times_s) -> float | None:
-    """The spacing (s) of equally spaced increasing times (at least 2, relative tolerance 1e-4), else None: a 4D
-    NIfTI holds one time step."""
-    if times_s is None or len(times_s) < 2:
-        return None
-    d = np.diff(np.asarray(times_s, np.float64))
-    if not (d[0] > 0 and np.allclose(d, d[0], rtol=1e-4, atol=0)):
-        return None
-    return float(d[0])
+        write_volume_files(os.path.join(workdir, "volume"), vols[0], case.scanner)
 
 
 def _npz_bytes(arrays: dict) -> bytes:

@@ -1,4 +1,4 @@
-"""Exported volumes of the evaluator: .npy + NIfTI in the chosen value units (μ as trained, or HU).
+"""Exported volumes (the trainer's final volumes, the evaluator's exports): .npy + NIfTI in the chosen value units (μ as trained, or HU).
 
 The arrays are the evaluator's volumes on the case's GT grid, in μ (the model's units); `units`/`mu_water` select
 what is written (`x2gs_jax.units`). NIfTI frames follow `x2gs_jax.nifti` (spacing, origin and axes from the
@@ -12,9 +12,19 @@ from typing import Optional, Sequence
 import numpy as np
 
 from x2gs_jax import units as U
-from x2gs_jax.export import uniform_step
 from x2gs_jax.fileio import atomic_save_npy
 from x2gs_jax.nifti import nifti_frame_mm, units_descrip, write_nifti, write_nifti_4d
+
+
+def uniform_step(times_s) -> float | None:
+    """The spacing (s) of equally spaced increasing times (at least 2, relative tolerance 1e-4), else None: a 4D
+    NIfTI holds one time step."""
+    if times_s is None or len(times_s) < 2:
+        return None
+    d = np.diff(np.asarray(times_s, np.float64))
+    if not (d[0] > 0 and np.allclose(d, d[0], rtol=1e-4, atol=0)):
+        return None
+    return float(d[0])
 
 
 def write_volume_files(stem: str, volume_mu, scanner, units: str = "mu", mu_water: Optional[float] = None
@@ -47,4 +57,4 @@ def write_phase_series(path: str, volumes_mu, times_s: Sequence[float], scanner,
     return path
 
 
-__all__ = ["write_volume_files", "write_phase_series"]
+__all__ = ["uniform_step", "write_volume_files", "write_phase_series"]
