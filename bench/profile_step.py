@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
     ap.add_argument("--hlo", default="", help="comma-separated fusion names (or auto: the 4 slowest) whose optimized HLO to print")
+    ap.add_argument("--hlo-dump", default="", help="write the whole optimized HLO of the profiled program to this file")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     multi, state, data, _ = build(args.model, args.gaussians, args.detector, args.cache, "auto", args.size,
@@ -40,8 +41,12 @@ def main():
           f"GPU kernels {total / args.steps:.3f} ms/it")
     for name, (cnt, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"   {ms / args.steps:8.3f} ms/it  x{cnt / args.steps:6.1f}  {name}")
-    if args.hlo:
+    if args.hlo or args.hlo_dump:
         text = multi.lower(state, batch, keys, jnp.int32(args.steps)).compile().as_text()
+    if args.hlo_dump:
+        with open(args.hlo_dump, "w") as f:
+            f.write(text)
+    if args.hlo:
         names = args.hlo.split(",")
         if args.hlo == "auto":  # the four slowest XLA fusions of this profile
             names = [n for n, _ in sorted(kernels.items(), key=lambda kv: -kv[1][1]) if "fusion" in n][:4]

@@ -108,3 +108,23 @@ def test_bad_config_fails_loudly():
     p = {"a": jnp.zeros(3)}
     with pytest.raises(ValueError, match="needs the global step"):
         opt.update(p, opt.init(p), p)
+
+
+def test_apply_false_closes_every_group_and_leaves_the_state_bit_identical():
+    """`apply=` (train_step: an overflowed or padding iteration) closes every group at once: zero updates, and the
+    Adam state (count, mu, nu) is exactly the one passed in, also after some open steps."""
+    rng = np.random.default_rng(3)
+    params = _params(rng)
+    opt = make_optimizer({"a": GroupSpec(1e-2, 1e-2, 10), "b": GroupSpec(1e-2, 1e-2, 10)}, {"a": "a", "b": "b"})
+    update = jax.jit(lambda g, s, p, it, ok: opt.update(g, s, p, step=it, gates={"a": jnp.asarray(True)}, apply=ok))
+    state = opt.init(params)
+    for it in (1, 2):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u, state = update(grads, state, params, it, jnp.asarray(True))
+        params = optax.apply_updates(params, u)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    u, after = update(grads, state, params, 3, jnp.asarray(False))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(group_state(after, "a").count) == 2

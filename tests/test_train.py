@@ -110,6 +110,26 @@ def test_frozen_iterations_do_not_step_but_count_visits(tiny, step, it):
     assert int(np.asarray(new_state.stats.count).sum()) > 0
 
 
+def test_step_with_apply_false_returns_the_state_bit_identical(tiny, step):
+    """The multi-step's padding / after-overflow iterations: `apply=False` leaves every leaf of the state (step,
+    parameters, Adam state, statistics) exactly as it was, through the optimiser's gate rather than a select;
+    `apply=True` is the plain step."""
+    config, case, points, _ = tiny
+    state = train_lib.init_state(config, case, points, train_lib.StaticModel())
+    batch, key = train_lib.TrainData(case).batch([1]), jax.random.PRNGKey(4)
+    state, _ = step(state, batch, key)  # Adam moments no longer zero
+    kept, m = step(state, batch, key, jnp.asarray(False))
+    assert bool(m["finite"]) and not bool(m["overflow"])
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(kept)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved, _ = step(state, batch, key, jnp.asarray(True))
+    plain, _ = step(state, batch, key)
+    assert int(moved.step) == int(state.step) + 1
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(moved.params["xyz"]), np.asarray(state.params["xyz"]))
+
+
 def test_guard_counts_non_finite_parameters_of_active_gaussians_and_losses(tiny, step):
     """The step's guard: a NaN in an active Gaussian's scale is counted for its group (the loss stays finite: the
     renderer drops that Gaussian), a NaN in a free slot is not, a NaN projection makes the loss non-finite; and

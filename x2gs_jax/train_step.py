@@ -159,7 +159,9 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
     (the step then runs inside `shard_map` over that mesh axis; see the module docstring). key: the iteration's
     key (the same on every device). Metrics are the global batch's (loss terms: means over its views).
     If the rasterizer reports a pair-capacity overflow (on any device) the state is returned unchanged with
-    metrics["overflow"] = True, so the caller can grow the capacity and redo the iteration.
+    metrics["overflow"] = True, so the caller can grow the capacity and redo the iteration. The step takes an
+    optional 4th argument `apply` (bool scalar, traced): False returns the state unchanged as well (the scanned
+    multi-step's padding and the iterations after an overflow).
     """
     batch_loss = make_batch_loss(model, settings)
 
@@ -172,7 +174,7 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
     def allmax(x):
         return jax.lax.pmax(x, axis_name) if spread() else x
 
-    def step(state: TrainState, batch: Mapping[str, Any], key: jax.Array):
+    def step(state: TrainState, batch: Mapping[str, Any], key: jax.Array, apply=None):
         it = state.step + 1
         V = batch["image"].shape[0]
         n_dev = jax.lax.axis_size(axis_name) if spread() else 1
@@ -183,6 +185,10 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         (_, (view_metrics, aux)), (grads, ndc_grads) = jax.value_and_grad(
             batch_loss, argnums=(0, 1), has_aux=True)(state.params, jnp.zeros(ndc_shape, jnp.float32), state.active,
                                                       state.model_state, batch, keys, it)
+        # The barrier orders everything that reads the old parameters (the loss terms reported as metrics have no
+        # path to the gradients) before the update that overwrites them in place (see the optimiser's gate below;
+        # part of the change measured in BENCHMARKS.md, Training, item 4).
+        grads, ndc_grads, view_metrics, aux = jax.lax.optimization_barrier((grads, ndc_grads, view_metrics, aux))
         # d(sum of the batch's view losses): summed over the devices, / B = the gradient of the batch's mean loss.
         grads = allsum(grads)
         if B > 1:
@@ -194,7 +200,13 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         gates = {k: (~densify_now) & not_last for k in GAUSSIAN_KEYS}
         for name, gate in model.gates(it, settings).items():
             gates[name] = gate & not_last
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=it, gates=gates)
+        # Whether the iteration counts: no pair-buffer overflow on any device (and the caller's `apply`). It goes
+        # into the optimiser as one more gate (a closed gate leaves parameters and Adam state exactly as they
+        # were) instead of a select between the old and the new state: a select keeps every old buffer alive
+        # until the end of the step, which made XLA copy the whole field state at every scanned iteration.
+        overflow = allmax(jnp.any(aux.overflow).astype(jnp.int32)) > 0
+        take = ~overflow if apply is None else apply & ~overflow
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=it, gates=gates, apply=take)
         params = optax.apply_updates(state.params, updates)
 
         # Each rendered view counts as one visit with its own loss's NDC gradient (reference: one view per
@@ -202,11 +214,9 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
         inc = render_increments(ndc_grads.reshape(V, state.capacity, 2), aux.radii)
         inc = inc.replace(grad_accum=allsum(inc.grad_accum), count=allsum(inc.count),
                           max_radii=allmax(inc.max_radii))
-        stats = add_increments(state.stats, inc)
-
-        overflow = allmax(jnp.any(aux.overflow).astype(jnp.int32)) > 0
-        new_state = state.replace(step=it, params=params, opt_state=opt_state, stats=stats)
-        new_state = jax.tree.map(lambda new, old: jnp.where(overflow, old, new), new_state, state)
+        stats = jax.tree.map(lambda new, old: jnp.where(take, new, old), add_increments(state.stats, inc), state.stats)
+        new_state = state.replace(step=jnp.where(take, it, state.step), params=params, opt_state=opt_state,
+                                  stats=stats)
         metrics["overflow"] = overflow
         metrics["num_gaussians"] = jnp.sum(state.active.astype(jnp.int32))
         # The guard: loss terms and the updated parameters. The renderer drops a Gaussian with a NaN attribute, so
@@ -264,9 +274,9 @@ def make_multi_step(step: Callable) -> Callable:
         def body(carry, xs):
             st, blocked = carry
             batch, key, k = xs
-            new, m = step(st, batch, key)
-            ok = ~blocked & ~m["overflow"] & (k < n_valid)
-            st = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
+            apply = ~blocked & (k < n_valid)
+            st, m = step(st, batch, key, apply)  # the state moves only when apply and no overflow
+            ok = apply & ~m["overflow"]
             m = dict(m)
             m["done"] = ok
             return (st, blocked | ~ok), m

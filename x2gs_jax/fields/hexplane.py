@@ -101,15 +101,27 @@ def normalise_coords(xyz: jax.Array, t, bounds: float = 1.6, time_mapping: str =
     2t - 1 ("full": the whole axis, the X2 config's default). The sign flip of the spatial axes is the
     reference's (x2gaussian.md §4).
     """
+    g_xyz, g_t = grid_coords(xyz, t, bounds, time_mapping)
+    return jnp.concatenate([g_xyz, jnp.broadcast_to(g_t, xyz.shape[:1])[:, None]], axis=1)
+
+
+def grid_coords(xyz: jax.Array, t, bounds: float = 1.6, time_mapping: str = "reference"):
+    """(g_xyz [N, 3], g_t [] or [N]): the columns of `normalise_coords`, kept apart.
+
+    Apart because g_xyz does not depend on t: under `jax.vmap` over times it stays unbatched, so the spatial
+    planes' samples (and, in the backward pass, their gradient scatter) are computed once for every time of the
+    batch instead of once per time (the periodic render's t + kT, the tidal curve's chunks of times).
+    """
     if time_mapping not in TIME_MAPPINGS:
         raise ValueError(f"normalise_coords: time_mapping must be one of {TIME_MAPPINGS}, got {time_mapping!r}")
     xyz = jnp.asarray(xyz, jnp.float32)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"normalise_coords: xyz must have shape [N, 3], got {xyz.shape}")
     t = jnp.asarray(t, jnp.float32)
+    if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != xyz.shape[0]):
+        raise ValueError(f"normalise_coords: t must be [] or [N={xyz.shape[0]}], got {t.shape}")
     g_t = t if time_mapping == "reference" else 2.0 * t - 1.0
-    g_t = jnp.broadcast_to(g_t, xyz.shape[:1])
-    return jnp.concatenate([-xyz / jnp.float32(bounds), g_t[:, None]], axis=1)
+    return -xyz / jnp.float32(bounds), g_t
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -264,19 +276,21 @@ sample_time_plane.defvjp(_time_fwd, _time_bwd)
 
 
 # ------------------------------------------------------------------------------------ features
-def level_features(planes: Sequence[jax.Array], coords: jax.Array, g_t=None) -> jax.Array:
-    """Element-wise product of the 6 plane samples of one level: [N, C] from coords [N, 4].
+def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array) -> jax.Array:
+    """Element-wise product of the 6 plane samples of one level: [N, C].
 
-    g_t: optional scalar time coordinate shared by every point (then coords[:, 3] is ignored and the
-    time planes take the contention-free `sample_time_plane` path)."""
+    g_xyz: [N, 3] spatial grid coordinates; g_t: [] one time coordinate shared by every point (the time planes
+    then take the contention-free `sample_time_plane` path) or [N] one per point (`grid_coords`)."""
     feat = None
     for p, (plane, (a, b)) in enumerate(zip(planes, PLANE_PAIRS)):
-        if g_t is not None and p in TIME_PLANES:
+        if p in TIME_PLANES and jnp.ndim(g_t) == 0:
             if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
                 raise ValueError(f"sample_time_plane: plane must be [C, R_t>=2, R_a>=2], got {plane.shape}")
-            s = sample_time_plane(plane, coords[:, a], g_t)
+            s = sample_time_plane(plane, g_xyz[:, a], g_t)
+        elif p in TIME_PLANES:
+            s = _validated_sample(plane, g_xyz[:, a], g_t)
         else:
-            s = _validated_sample(plane, coords[:, a], coords[:, b])
+            s = _validated_sample(plane, g_xyz[:, a], g_xyz[:, b])
         feat = s if feat is None else feat * s
     return feat
 
@@ -293,13 +307,11 @@ def hexplane_features(grid_params: Sequence[Sequence[jax.Array]], xyz: jax.Array
       time_mapping: "reference" (g_t = t) or "full" (g_t = 2t - 1).
       remat: recompute each level's 6 samples in the backward pass instead of keeping them
         (saves 6 [N, C] float32 arrays per level at the cost of re-gathering).
+    Under `jax.vmap` over t (xyz not mapped) the spatial samples are computed once for all times (`grid_coords`).
     """
-    coords = normalise_coords(xyz, t, bounds, time_mapping)
-    # One time for all points (training renders, volume queries; also inside vmap over times): the
-    # time planes are sampled along their interpolated row (see sample_time_plane).
-    g_t = coords[0, 3] if jnp.ndim(t) == 0 else None
+    g_xyz, g_t = grid_coords(xyz, t, bounds, time_mapping)
     fn = jax.checkpoint(level_features) if remat else level_features
-    return jnp.concatenate([fn(list(level), coords, g_t) for level in _check_grid(grid_params)], axis=1)
+    return jnp.concatenate([fn(list(level), g_xyz, g_t) for level in _check_grid(grid_params)], axis=1)
 
 
 # ------------------------------------------------------------------------------------ validation
