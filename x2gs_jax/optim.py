@@ -82,7 +82,7 @@ def gated_adam(name: str, spec: GroupSpec) -> optax.GradientTransformationExtraA
         # The barrier keeps XLA from fusing the moment update into the parameter update as well (the old moments
         # would then have two readers besides the in-place writer, which makes copy insertion copy them at every
         # scanned iteration): the moments are written once and the parameter update reads the new ones. Part of
-        # the change measured in BENCHMARKS.md (Training, item 4); on the CPU the copies went with or without it.
+        # the change measured in BENCHMARKS.md (Training, item 4; on the CPU the copies went with or without it).
         mu, nu = jax.lax.optimization_barrier((mu, nu))
         bc1 = 1 - ADAM_B1 ** count.astype(jnp.float32)
         bc2 = 1 - ADAM_B2 ** count.astype(jnp.float32)

@@ -202,8 +202,9 @@ def make_train_step(model, settings: StepSettings, optimizer: optax.GradientTran
             gates[name] = gate & not_last
         # Whether the iteration counts: no pair-buffer overflow on any device (and the caller's `apply`). It goes
         # into the optimiser as one more gate (a closed gate leaves parameters and Adam state exactly as they
-        # were) instead of a select between the old and the new state: a select keeps every old buffer alive
-        # until the end of the step, which made XLA copy the whole field state at every scanned iteration.
+        # were) instead of a select between the old and the new state, which would keep every old buffer alive
+        # to the end of the step and stop XLA from updating in place (BENCHMARKS.md, Training, item 4: on the CPU
+        # backend the per-iteration copies of the field state went; on the GPU most remain, still to be found).
         overflow = allmax(jnp.any(aux.overflow).astype(jnp.int32)) > 0
         take = ~overflow if apply is None else apply & ~overflow
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=it, gates=gates, apply=take)
