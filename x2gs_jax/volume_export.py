@@ -1,4 +1,5 @@
-"""Exported volumes (the trainer's final volumes, the evaluator's exports): .npy + NIfTI in the chosen value units (μ as trained, or HU).
+"""Exported volumes (the trainer's final volumes, the evaluator's exports): .npy + NIfTI in the chosen value
+units (μ as trained, or HU).
 
 The arrays are the evaluator's volumes on the case's GT grid, in μ (the model's units); `units`/`mu_water` select
 what is written (`x2gs_jax.units`). NIfTI frames follow `x2gs_jax.nifti` (spacing, origin and axes from the
