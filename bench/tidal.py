@@ -55,6 +55,25 @@ def run_from_config(spec: str, cache: str, gaussians: int = 0) -> eval_lib.Run:
                         scale_bound=state.scale_bound, step=int(config.train.iterations), source="init")
 
 
+def profile_chunk(run: eval_lib.Run, chunk: int, lung_threshold, top: int = 25):
+    """Print the wall time and the top GPU kernels of one chunk: voxelization alone (each volume reduced to its
+    sum, so nothing else runs), then the whole per-time work (`eval_lib.lung_ml_batched`)."""
+    import jax.numpy as jnp
+
+    from bench.profile import gpu_kernels
+
+    vol = eval_lib.volume_at(run)
+    cases = {"voxelize": jax.jit(jax.vmap(lambda p, t: jnp.sum(vol(p, t)), in_axes=(None, 0))),
+             "voxelize+segment": eval_lib.lung_ml_batched(run, lung_threshold)}
+    t = jnp.linspace(0.0, 1.0, chunk, endpoint=False)
+    for name, fn in cases.items():
+        wall, kernels = gpu_kernels(fn, (run.query_params, t))
+        total = sum(ms for _, ms in kernels.values())
+        print(f"== {name}: {wall:.2f} ms wall, {total:.2f} ms GPU kernels per chunk of {chunk}")
+        for k, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"  {ms:8.3f} ms  x{n:6.1f}  {k}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -68,10 +87,14 @@ def main():
     ap.add_argument("--lung_threshold", type=float, default=None,
                     help="fixed air threshold (default: the automatic per-volume segmentation)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: per-kernel GPU time of one chunk, voxelization alone and the whole per-time work")
     args = ap.parse_args()
     run = run_from_config(args.config, args.cache, args.gaussians) if args.config else eval_lib.load_run(args.workdir)
     if not run.is_4d:
         raise SystemExit("bench/tidal.py: the run is not a 4D model")
+    if args.profile:
+        return profile_chunk(run, args.chunk, args.lung_threshold)
     t0 = time.perf_counter()
     curve = eval_lib.tidal_curve(run, args.points, args.lung_threshold, chunk=args.chunk, progress=False)
     first = time.perf_counter() - t0

@@ -132,6 +132,7 @@ def test_tidal_csv_and_pictures(run):
     meta = next(reader)
     assert meta["fps"] == 8 and meta["size"][0] % 16 == 0 and meta["size"][1] % 16 == 0
     assert sum(1 for _ in reader) == 4
+    assert m["movies"] == ["breathing.gif", "breathing.mp4"]
 
 
 def test_export_round_trip_and_parity(run):
@@ -261,3 +262,24 @@ def test_tidal_curve_manual_threshold(run):
     assert m["lung_threshold_used_median"] != pytest.approx(0.285)  # the default run chose its own
     assert c["lung_volume_ml"].shape == (8,) and np.all(c["lung_volume_ml"] >= 0)
     assert c["tidal_swing_ml"] == 0  # the coarse model does not move
+
+
+def test_tidal_curves_of_one_run_compile_once(run, monkeypatch):
+    """A run traces its lung-volume query once: later curves, with another threshold or component fraction, reuse
+    it (both are arguments of the compiled program), and a repeated curve gives the same numbers."""
+    _, workdir, m = run
+    r = eval_lib.load_run(workdir)
+    traced = []
+    measure = eval_lib.tidal.lung_measure
+    monkeypatch.setattr(eval_lib.tidal, "lung_measure", lambda *a, **k: traced.append(1) or measure(*a, **k))
+    auto = eval_lib.tidal_curve(r, 8, chunk=4, progress=False)
+    manual = eval_lib.tidal_curve(r, 8, lung_threshold=0.285, chunk=4, progress=False)
+    again = eval_lib.tidal_curve(r, 8, chunk=4, progress=False, min_component_fraction=0.01)
+    assert len(traced) == 1
+    assert manual["lung_threshold_used_min"] == manual["lung_threshold_used_max"] == pytest.approx(0.285)
+    assert auto["lung_threshold_used_median"] != pytest.approx(0.285)
+    np.testing.assert_array_equal(auto["lung_volume_ml"][:1], eval_lib.tidal_curve(
+        r, 1, chunk=4, progress=False)["lung_volume_ml"])  # time 0 of both grids, same program
+    assert again["min_component_fraction"] == 0.01
+    # Another case (dataclasses.replace) does not inherit the compiled queries.
+    assert dataclasses.replace(r, step=r.step).compiled == {}

@@ -56,3 +56,18 @@ def test_breathing_movies_share_their_frames(tmp_path):
         viz.breathing_frames(vols, [0.0, 1.0])
     with pytest.raises(ValueError, match="uint8"):
         movie.write_mp4(str(tmp_path / "x.mp4"), frames.astype(np.float32), 8)
+
+
+def test_without_imageio_ffmpeg_the_gif_is_written_and_a_warning_says_why(tmp_path, monkeypatch):
+    """A machine without imageio-ffmpeg (or its ffmpeg) loses the MP4 only, with a warning naming the fix."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` raises ImportError
+    vols = np.zeros((2, 8, 6, 10), np.float32)
+    vols[1, :, :, :4] = 1.0
+    with pytest.warns(RuntimeWarning, match="b.mp4 not written.*pip install imageio-ffmpeg"):
+        paths = viz.save_breathing_movies(str(tmp_path / "b"), vols, [0.0, 1.0])
+    assert paths == [str(tmp_path / "b.gif")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gif"]  # no MP4, no temporary file
+    with pytest.raises(movie.MovieUnavailable, match="imageio-ffmpeg"):
+        movie.write_mp4(str(tmp_path / "x.mp4"), _frames(2), 8)

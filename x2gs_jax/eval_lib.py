@@ -66,6 +66,10 @@ class Run:
     scale_bound: Optional[tuple]
     step: int
     source: str  # "export" or "checkpoint <step>"
+    # Compiled queries of this run (`volume_batched`, `lung_ml_batched`), kept so a second curve or export of the
+    # same run does not trace and compile again (a 600-time tidal curve at 128^3 spent ~half its time there).
+    # Not an __init__ argument, so `dataclasses.replace` (another case, other params) starts an empty one.
+    compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def is_4d(self) -> bool:
@@ -212,18 +216,28 @@ def volume_at(run: Run) -> Callable:
 
 
 def volume_batched(run: Run) -> Callable:
-    """jit(vmap over t) of `volume_at`: (params, t [n]) -> [n, nx, ny, nz]."""
-    return jax.jit(jax.vmap(volume_at(run), in_axes=(None, 0)))
+    """jit(vmap over t) of `volume_at`: (params, t [n]) -> [n, nx, ny, nz]; compiled once per run."""
+    if "volume" not in run.compiled:
+        run.compiled["volume"] = jax.jit(jax.vmap(volume_at(run), in_axes=(None, 0)))
+    return run.compiled["volume"]
 
 
 def lung_ml_batched(run: Run, lung_threshold: Optional[float] = None, erode_voxels: int = tidal.ERODE_VOXELS,
                     min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> Callable:
     """(params, t [n]) -> [n, 2]: per time, the lung volume (mL) and the air threshold used (volume units; the
-    per-volume automatic one when lung_threshold is None). Volumes are segmented on device, never stored."""
-    vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
-    one = lambda p, t: jnp.stack(tidal.lung_measure(vol(p, t), mm, lung_threshold, erode_voxels,
-                                                    min_component_fraction))
-    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+    per-volume automatic one when lung_threshold is None). Volumes are segmented on device, never stored.
+
+    One program per run and `erode_voxels` (a static shape of the erosion): the threshold and the component
+    fraction are arguments, so curves with other values of either reuse it."""
+    key = ("lung_ml", int(erode_voxels))
+    if key not in run.compiled:
+        vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
+        one = lambda p, t, thr, frac: jnp.stack(tidal.lung_measure(vol(p, t), mm, thr, int(erode_voxels), frac))
+        run.compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
+    f = run.compiled[key]
+    thr = jnp.float32(jnp.nan if lung_threshold is None else lung_threshold)  # NaN = automatic (segment_lungs)
+    frac = jnp.float32(min_component_fraction)
+    return lambda params, t: f(params, t, thr, frac)
 
 
 # ------------------------------------------------------------------------------------- the metrics
@@ -435,6 +449,10 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
                                     np.asarray(m["phase_times"]) * float(run.config.data.scan_s), run.case.scanner,
                                     units, mu_water)
         m["exported"] = m.get("exported", []) + ([series] if series else [])
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    # The numbers are written before the pictures, so a picture that fails (a missing plotting or movie tool)
+    # cannot lose them; the file is rewritten below with the pictures' list.
+    atomic_write_bytes(metrics_path, json.dumps(clean_json(m), indent=2).encode())
     if pictures:
         gt = run.case.volumes if run.case.is_4d else run.case.volumes[None]
         for k, (g, p) in enumerate(zip(gt, vols)):
@@ -450,14 +468,15 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
             ts = np.arange(gif_frames) / gif_frames * cycle
             frames = map_times(batched, run.query_params, ts / float(run.config.data.scan_s), chunk, desc="gif frames",
                                progress=progress)
-            viz.save_breathing_movies(os.path.join(out_dir, "breathing"), frames, ts)  # .gif and .mp4
+            movies = viz.save_breathing_movies(os.path.join(out_dir, "breathing"), frames, ts)  # .gif, .mp4
+            m["movies"] = [os.path.basename(p) for p in movies]
         if curve is not None:
             gt_label = (f"phantom (exact), r = {curve['tidal_corr']:.3f}" if curve.get("tidal_corr") is not None
                         and math.isfinite(curve["tidal_corr"]) else "phantom (exact)")
             viz.save_tidal_plot(os.path.join(out_dir, "tidal.png"), curve["t_s"], curve["lung_volume_ml"],
                                 curve.get("gt_ml"), tidal.curve_title(curve), gt_label=gt_label)
     m = clean_json(m)
-    atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(m, indent=2).encode())
+    atomic_write_bytes(metrics_path, json.dumps(m, indent=2).encode())
     print(format_table(m))
     return m
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from typing import Optional, Sequence
 
 import matplotlib
@@ -93,10 +94,18 @@ def save_breathing_gif(path: str, volumes: np.ndarray, times_s: Sequence[float],
 
 
 def save_breathing_movies(stem: str, volumes: np.ndarray, times_s: Sequence[float], fps: int = 8) -> list[str]:
-    """`<stem>.gif` and `<stem>.mp4` (H.264) of the same `breathing_frames`; returns both paths."""
+    """`<stem>.gif` and `<stem>.mp4` (H.264) of the same `breathing_frames`; returns the paths written.
+
+    The MP4 needs imageio-ffmpeg (in requirements.txt); where it is missing or its ffmpeg cannot run, the GIF is
+    still written and a warning says why the MP4 is not (a movie is not worth losing an evaluation over).
+    """
     frames = breathing_frames(volumes, times_s)
     movie.write_gif(stem + ".gif", frames, fps)
-    movie.write_mp4(stem + ".mp4", frames, fps)
+    try:
+        movie.write_mp4(stem + ".mp4", frames, fps)
+    except movie.MovieUnavailable as err:
+        warnings.warn(f"{stem}.mp4 not written ({err}); {stem}.gif was", RuntimeWarning, stacklevel=2)
+        return [stem + ".gif"]
     return [stem + ".gif", stem + ".mp4"]
 
 

@@ -57,21 +57,33 @@ def write_gif(path: str, frames, fps: float) -> None:
                        loop=0)
 
 
-def write_mp4(path: str, frames, fps: float) -> None:
-    """H.264 (libx264, yuv420p) MP4 at `fps`; frames padded to multiples of 16 pixels."""
-    import imageio_ffmpeg
+class MovieUnavailable(RuntimeError):
+    """The MP4 writer cannot run here: imageio-ffmpeg is not installed or its ffmpeg binary does not start."""
 
+
+def write_mp4(path: str, frames, fps: float) -> None:
+    """H.264 (libx264, yuv420p) MP4 at `fps`; frames padded to multiples of 16 pixels.
+
+    Raises MovieUnavailable when imageio-ffmpeg or its ffmpeg binary is missing (nothing is written then)."""
     f = pad_to_block(frames)
-    with _temporary_beside(path, ".mp4") as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # Starting ffmpeg forks the process, and JAX warns on every fork that its threads could deadlock the child;
         # subprocess's child only execs ffmpeg (no JAX runs there), so that warning does not apply.
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        writer = imageio_ffmpeg.write_frames(tmp, (f.shape[2], f.shape[1]), fps=fps, codec="libx264",
-                                             pix_fmt_out="yuv420p", macro_block_size=MACRO_BLOCK)
-        writer.send(None)  # start ffmpeg
-        for frame in f:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        try:
+            import imageio_ffmpeg
+
+            imageio_ffmpeg.get_ffmpeg_exe()  # finds (and may probe) the binary before anything is written
+        except (ImportError, RuntimeError, OSError) as err:
+            raise MovieUnavailable(f"imageio-ffmpeg is not usable: {err}; `pip install imageio-ffmpeg` provides "
+                                   "ffmpeg") from err
+        with _temporary_beside(path, ".mp4") as tmp:
+            writer = imageio_ffmpeg.write_frames(tmp, (f.shape[2], f.shape[1]), fps=fps, codec="libx264",
+                                                 pix_fmt_out="yuv420p", macro_block_size=MACRO_BLOCK)
+            writer.send(None)  # start ffmpeg
+            for frame in f:
+                writer.send(np.ascontiguousarray(frame))
+            writer.close()
 
 
-__all__ = ["MACRO_BLOCK", "pad_to_block", "write_gif", "write_mp4"]
+__all__ = ["MACRO_BLOCK", "MovieUnavailable", "pad_to_block", "write_gif", "write_mp4"]
