@@ -55,23 +55,34 @@ def run_from_config(spec: str, cache: str, gaussians: int = 0) -> eval_lib.Run:
                         scale_bound=state.scale_bound, step=int(config.train.iterations), source="init")
 
 
-def profile_chunk(run: eval_lib.Run, chunk: int, lung_threshold, top: int = 25):
+def profile_chunk(run: eval_lib.Run, chunk: int, lung_threshold, fusions=(), top: int = 25):
     """Print the wall time and the top GPU kernels of one chunk: voxelization alone (each volume reduced to its
-    sum, so nothing else runs), then the whole per-time work (`eval_lib.lung_ml_batched`)."""
+    sum, so nothing else runs), then the whole per-time work (`eval_lib.lung_ml_batched`); after each, the HLO
+    of the named `fusions` of its program (what XLA fused there)."""
     import jax.numpy as jnp
 
     from bench.profile import gpu_kernels
+    from bench.profile_step import print_fusion
 
     vol = eval_lib.volume_at(run)
-    cases = {"voxelize": jax.jit(jax.vmap(lambda p, t: jnp.sum(vol(p, t)), in_axes=(None, 0))),
-             "voxelize+segment": eval_lib.lung_ml_batched(run, lung_threshold)}
     t = jnp.linspace(0.0, 1.0, chunk, endpoint=False)
-    for name, fn in cases.items():
+    whole = eval_lib.lung_ml_batched(run, lung_threshold)  # compiles run.compiled[("lung_ml", ERODE_VOXELS)]
+    thr = jnp.float32(jnp.nan if lung_threshold is None else lung_threshold)
+    frac = jnp.float32(eval_lib.tidal.MIN_COMPONENT_FRACTION)
+    alone = jax.jit(jax.vmap(lambda p, t: jnp.sum(vol(p, t)), in_axes=(None, 0)))
+    cases = {"voxelize": (alone, lambda: alone.lower(run.query_params, t)),
+             "voxelize+segment": (whole, lambda: run.compiled[("lung_ml", eval_lib.tidal.ERODE_VOXELS)].lower(
+                 run.query_params, t, thr, frac))}
+    for name, (fn, lower) in cases.items():
         wall, kernels = gpu_kernels(fn, (run.query_params, t))
         total = sum(ms for _, ms in kernels.values())
         print(f"== {name}: {wall:.2f} ms wall, {total:.2f} ms GPU kernels per chunk of {chunk}")
         for k, (n, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
             print(f"  {ms:8.3f} ms  x{n:6.1f}  {k}")
+        if fusions:
+            text = lower().compile().as_text()
+            for fusion in fusions:
+                print_fusion(text, fusion)
 
 
 def main():
@@ -89,12 +100,14 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", action="store_true",
                     help="instead: per-kernel GPU time of one chunk, voxelization alone and the whole per-time work")
+    ap.add_argument("--fusion", action="append", default=[],
+                    help="--profile: also print this fusion's HLO from each program (repeatable)")
     args = ap.parse_args()
     run = run_from_config(args.config, args.cache, args.gaussians) if args.config else eval_lib.load_run(args.workdir)
     if not run.is_4d:
         raise SystemExit("bench/tidal.py: the run is not a 4D model")
     if args.profile:
-        return profile_chunk(run, args.chunk, args.lung_threshold)
+        return profile_chunk(run, args.chunk, args.lung_threshold, args.fusion)
     t0 = time.perf_counter()
     curve = eval_lib.tidal_curve(run, args.points, args.lung_threshold, chunk=args.chunk, progress=False)
     first = time.perf_counter() - t0

@@ -45,6 +45,39 @@ def test_label_components_match_scipy():
         np.testing.assert_array_equal(large, m & (sizes[ref] >= 0.3 * sizes.max()))
 
 
+def test_component_sizes_by_runs_equal_the_scatter_count():
+    """The accelerators' run-length count (one add per run along z) against the per-voxel scatter and numpy's
+    bincount: random masks labelled by `label_components`, vmapped, with components that touch either z end."""
+    shape = (9, 14, 23)
+    rng = np.random.default_rng(3)
+    masks = np.stack([rng.random(shape) < p for p in (0.3, 0.55, 0.8)])
+    masks[0, :, :, -1] = True  # runs ending at the last voxel along z
+    masks[1, :, :, 0] = True  # and starting at the first
+    fn = jax.jit(jax.vmap(lambda m: (seg.label_components(m, "sequential"),
+                                     seg.component_sizes(seg.label_components(m, "sequential"), "runs"),
+                                     seg.component_sizes(seg.label_components(m, "sequential"), "scatter"))))
+    labs, runs, scat = (np.asarray(x) for x in fn(jnp.asarray(masks)))
+    np.testing.assert_array_equal(runs, scat)
+    for lab, size in zip(labs, runs):
+        want = np.bincount(lab.ravel(), minlength=lab.size + 1)
+        want[0] = 0
+        np.testing.assert_array_equal(size, want[lab])
+        assert size.max() > 50 and np.all(size[lab == 0] == 0)
+    with pytest.raises(ValueError, match="method"):
+        seg.component_sizes(jnp.asarray(labs[0]), "sort")
+
+
+def test_histogram_copies_do_not_change_the_counts():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(np.concatenate([np.full(5000, 0.05), rng.random(3001)]).astype(np.float32))  # a crowded bin
+    w = jnp.asarray(rng.random(x.shape[0]) < 0.7)
+    for weights in (None, w):
+        one = np.asarray(seg.histogram(x, 0.0, 1.0, 64, weights, copies=1))
+        for copies in (2, 7, 1024, 10**6):
+            np.testing.assert_array_equal(np.asarray(seg.histogram(x, 0.0, 1.0, 64, weights, copies=copies)), one)
+        assert one.sum() == (x.shape[0] if weights is None else int(w.sum()))
+
+
 def test_inplane_border_fill_matches_scipy():
     m = np.random.default_rng(1).random((20, 24, 6)) < 0.62
     got = np.asarray(seg.inplane_border_fill(jnp.asarray(m), "sequential"))
@@ -189,3 +222,19 @@ def test_batch_members_are_independent(embedded):
     for i in (0, 5):
         alone, t_alone = L.lung_ml(np.repeat(vols[i:i + 1], L.BATCH, axis=0), mm)
         assert np.all(alone == ml[i]) and np.all(t_alone == thr[i])
+
+
+def test_accelerator_and_cpu_paths_segment_identically(embedded, monkeypatch):
+    """Everything `segment` picks by backend (associative vs sequential scans, histogram copies, run-length vs
+    per-voxel component sizes) gives the same masks and thresholds: the accelerators' choices, forced here on the
+    CPU, against the CPU's, on noisy embedded-phantom volumes."""
+    vols, _, _ = embedded
+    noisy = jnp.asarray(_noisy(vols[:2], 1.0, 0.1, MU_SOFT - MU_LUNG, seed=5))
+    run = lambda: jax.tree.map(np.asarray, jax.jit(jax.vmap(lambda v: tidal.segment_lungs(v)))(noisy))
+    cpu = run()
+    monkeypatch.setattr(seg.jax, "default_backend", lambda: "gpu")
+    gpu = run()
+    assert "cummax" in str(jax.make_jaxpr(lambda v: tidal.segment_lungs(v))(noisy[0]))  # the run-length path ran
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_array_equal(a, b)
+    assert cpu[0].sum() > 1000

@@ -19,6 +19,13 @@ HIST_BINS = 256
 # Bins of the coarse [min, max] histogram whose quantiles give the robust range.
 RANGE_BINS = 1024
 RANGE_QUANTILE = 1e-3
+# Scatter-adds on GPUs are atomics, and atomics to one address serialise: one histogram of a 128^3 volume, whose
+# air fills a few bins, took 0.6 ms, and one component-size count (a lung's or the body's voxels all adding to one
+# label) 1.1 ms, together half of the segmentation (H200 profile of the tidal curve, 2026-12-03, BENCHMARKS.md).
+# On accelerators the histograms therefore count into HIST_COUNTERS // bins private copies (voxel k into copy
+# k mod copies) summed at the end, and component sizes add run lengths along z (`component_sizes`). XLA's CPU
+# scatter is a serial loop without atomics: there the plain scatter is kept (less work).
+HIST_COUNTERS = 1 << 18
 # Gaussian smoothing (in bins) before taking a histogram mode: tames per-bin count noise of small or noisy
 # volumes (a 48^3 lung has a few thousand voxels) while moving a clean peak by well under a bin.
 MODE_SMOOTH_BINS = 3.0
@@ -137,10 +144,34 @@ def label_components(mask: jax.Array, method: str = "auto") -> jax.Array:
     return propagate_max(jnp.where(mask, idx, 0), mask, method=method)
 
 
-def component_sizes(labels: jax.Array) -> jax.Array:
-    """int32 [nx, ny, nz]: the voxel count of each voxel's component (`label_components` output), 0 on background."""
+def _on_cpu(method: str, accelerator: str, cpu: str) -> str:
+    if method == "auto":
+        return cpu if jax.default_backend() == "cpu" else accelerator
+    if method not in (accelerator, cpu):
+        raise ValueError(f"method must be 'auto', {accelerator!r} or {cpu!r}, got {method!r}")
+    return method
+
+
+def component_sizes(labels: jax.Array, method: str = "auto") -> jax.Array:
+    """int32 [..., nz]: the voxel count of each voxel's component (`label_components` output), 0 on background.
+
+    method: "scatter" (each voxel adds 1 to its label's counter), "runs" (each run of equal labels along the last
+    axis adds its length once, at its last voxel: as many atomic adds to a label as its component has runs, not
+    voxels), or "auto" (scatter on XLA's CPU backend, runs elsewhere; see HIST_COUNTERS). Both are exact.
+    """
+    method = _on_cpu(method, "runs", "scatter")
     flat = labels.reshape(-1)
-    counts = jnp.zeros(flat.shape[0] + 1, jnp.int32).at[flat].add(1).at[0].set(0)
+    n = flat.shape[0]
+    if method == "scatter":
+        counts = jnp.zeros(n + 1, jnp.int32).at[flat].add(1).at[0].set(0)
+        return counts[flat].reshape(labels.shape)
+    axis = labels.ndim - 1
+    z = jax.lax.broadcasted_iota(jnp.int32, labels.shape, axis)
+    differs = labels != shift(labels, axis, 1, -1)  # the previous voxel along z has another label (or is outside)
+    start = jax.lax.cummax(jnp.where(differs, z, 0), axis=axis)  # first voxel of the voxel's run
+    last = labels != shift(labels, axis, -1, -1)  # the run's last voxel
+    target = jnp.where(last & (labels > 0), labels, n + 1).reshape(-1)  # n + 1: out of range, dropped
+    counts = jnp.zeros(n + 1, jnp.int32).at[target].add((z - start + 1).reshape(-1), mode="drop")
     return counts[flat].reshape(labels.shape)
 
 
@@ -161,13 +192,21 @@ def large_components(mask: jax.Array, min_fraction: float) -> jax.Array:
     return mask & (size.astype(jnp.float32) >= floor)
 
 
-def histogram(values: jax.Array, lo, hi, bins: int, weights=None) -> jax.Array:
+def histogram(values: jax.Array, lo, hi, bins: int, weights=None, copies: int | None = None) -> jax.Array:
     """int32 [bins]: counts of `values` on `bins` equal bins over [lo, hi]; values outside fall in the end bins.
-    `weights`: optional bool/int mask of the same shape (only those voxels are counted)."""
+    `weights`: optional bool/int mask of the same shape (only those voxels are counted). copies: private copies
+    the counts are spread over and summed (None: 1 on XLA's CPU backend, HIST_COUNTERS // bins elsewhere); the
+    result does not depend on it."""
     width = jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny) / bins
     i = jnp.clip(jnp.floor((values - lo) / width), 0, bins - 1).astype(jnp.int32).reshape(-1)
     w = jnp.ones(i.shape, jnp.int32) if weights is None else weights.reshape(-1).astype(jnp.int32)
-    return jnp.zeros(bins, jnp.int32).at[i].add(w)
+    if copies is None:
+        copies = 1 if jax.default_backend() == "cpu" else max(1, HIST_COUNTERS // bins)
+    copies = int(min(max(copies, 1), i.shape[0]))
+    if copies == 1:
+        return jnp.zeros(bins, jnp.int32).at[i].add(w)
+    copy = jnp.arange(i.shape[0], dtype=jnp.int32) % copies
+    return jnp.zeros(copies * bins, jnp.int32).at[copy * bins + i].add(w).reshape(copies, bins).sum(0)
 
 
 def robust_range(values: jax.Array, q: float = RANGE_QUANTILE, bins: int = RANGE_BINS):
@@ -212,6 +251,6 @@ def mode_bins(hist: jax.Array, split_bin) -> tuple[jax.Array, jax.Array]:
     return low, high
 
 
-__all__ = ["HIST_BINS", "shift", "erode", "run_max", "propagate_max", "inplane_border_fill", "label_components",
+__all__ = ["HIST_BINS", "HIST_COUNTERS", "shift", "erode", "run_max", "propagate_max", "inplane_border_fill", "label_components",
            "component_sizes", "largest_component", "large_components", "histogram", "robust_range", "otsu_bin",
            "smooth_hist", "mode_bins"]
