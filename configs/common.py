@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.mu_water = 0.5
     # verify_writes: read each checkpoint back after writing it and compare its checksums (~+80 % per save on the
     # dev CPU; false leaves the check to the resume, which falls back to an older step on a damaged one)
-    c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3, verify_writes=True))
+    # background: the write and the read-back run in a thread while training goes on (a failure stops the run at
+    # the next call, naming the step); false blocks the loop until the save is written and verified.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=2000, keep=3, verify_writes=True, background=True))
     c.log = ml_collections.ConfigDict(dict(every=20, tensorboard=True))
     return c

@@ -224,6 +224,66 @@ def test_verify_writes_reads_each_save_back(tmp_path, monkeypatch):
         ckpt.close()
 
 
+def test_background_saves_are_verified_and_their_failure_is_raised_naming_the_step(tmp_path, monkeypatch):
+    """save(background=True) returns before orbax's write and the read-back end; the step then restores bit-exactly.
+    A background save that does not read back is raised, naming its step, by poll (once known), the next save,
+    wait and close; the caller's arrays may change right after save returns (the trainer donates them)."""
+    from x2gs_jax.checkpoint import CheckpointError
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    state = {"x": x, "n": np.array(3, np.int32)}
+    ok = Checkpointer(str(tmp_path / "ok"))
+    ok.save(1, state, {"step": 1}, background=True)
+    x += 100  # what donation does to the buffers the save was given
+    ok.poll()
+    back, meta = ok.restore(lambda meta: state)  # waits for the save first
+    np.testing.assert_array_equal(back["x"], np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert meta["step"] == 1 and ok.all_steps() == [1]
+    ok.close()
+
+    bad = Checkpointer(str(tmp_path / "bad"))
+    real = bad._manager.restore
+
+    def corrupt(step, args=None):  # odd steps do not read back as written
+        out = real(step, args=args)
+        if "state" in out and step % 2:
+            out["state"]["x"] = out["state"]["x"] + 1
+        return out
+    monkeypatch.setattr(bad._manager, "restore", corrupt)
+    bad.save(5, state, {"step": 5}, background=True)
+    bad._pending.exception()  # let the thread finish: poll then raises (it never blocks)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 5 .* did not read back as written"):
+        bad.poll()
+    bad.poll()  # raised once
+    bad.save(6, state, {"step": 6}, background=True)
+    bad.wait()  # step 6 reads back: no error
+    bad.save(7, state, {"step": 7}, background=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 7"):
+        bad.save(8, state, {"step": 8}, background=True)  # the next save raises the previous one's failure
+    assert 8 not in bad._manager.all_steps()  # ... before it writes anything
+    bad.save(9, state, {"step": 9}, background=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 9"):
+        bad.close()
+
+
+def test_a_failed_background_checkpoint_stops_training_naming_the_step(tiny_static_runs, tmp_path, monkeypatch):
+    """The trainer saves in the background by default; a save that fails its read-back stops the run with the
+    step, instead of training on without a checkpoint."""
+    from x2gs_jax import checkpoint
+    from x2gs_jax.checkpoint import CheckpointError
+
+    real = checkpoint.Checkpointer._finish
+
+    def fail_at_2(self, step, host, checksums):
+        real(self, step, host, checksums)
+        if step == 2:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} did not read back as written: test")
+    monkeypatch.setattr(checkpoint.Checkpointer, "_finish", fail_at_2)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 .* did not read back as written"):
+        train_lib.train_and_evaluate(_config(tiny_static_runs), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "export").exists()  # the run did not report success
+
+
 # ----------------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("key,value", [
     ("train.iterations", -1), ("train.iterations", 0), ("train.coarse_iterations", -3),

@@ -286,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = steps[fn_key](*args)
             del args  # the state was donated
             metrics = jax.device_get(metrics)  # one host transfer per call
+            ckpt.poll()  # a background checkpoint save that failed stops the run now, naming its step
             dt = (time.perf_counter() - t0) / len(its)
             timer.since("steps", t0)
             for k, it in enumerate(its):
@@ -332,8 +333,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t_phase = timer.since("eval", t_phase)
             if it % config.checkpoint.every == 0 or it == total or it == coarse_end:
                 logger.sync()  # the logs up to this step are on disk before the checkpoint is (a resume starts here)
-                ckpt.save(it, state, checkpoint_meta(state, config, stage))
+                # In the background by default: the write and its read-back overlap the next iterations.
+                ckpt.save(it, state, checkpoint_meta(state, config, stage),
+                          background=bool(config.checkpoint.get("background", True)))
                 timer.since("checkpoint", t_phase)
+        t_phase = time.perf_counter()
+        ckpt.close()  # the last checkpoint is written and verified before the run reports success
+        timer.since("checkpoint", t_phase)
         t_phase = time.perf_counter()
         export_inference(workdir, state, config, case, writer=writer)
         timer.since("export", t_phase)
@@ -344,6 +350,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         bar.close()
         logger.close()
+        if sys.exc_info()[0] is not None:  # failing already: finish the background save without hiding the error
+            try:
+                ckpt.close()
+            except Exception as err:  # noqa: BLE001 - reported beside the error that stopped the run
+                print(f"also: {err}", file=sys.stderr)
     return report
 
 
