@@ -344,6 +344,46 @@ def test_padded_scan_length():
     assert padded_length(5, 1) == 1
 
 
+def test_call_length_compiles_each_stage_once():
+    from x2gs_jax.train_step import call_length
+
+    # Nothing compiled yet: the longest call possible from here, padded.
+    assert call_length(1, 5000, 50) == 50  # the evaluation after iteration 1 runs the full-length function
+    assert call_length(3, 13, 50) == 16 and call_length(13, 13, 50) == 16  # the stage's tail
+    # The shortest compiled length that holds the call.
+    assert call_length(13, 4000, 50, [50]) == 50 and call_length(2, 13, 50, [16, 50]) == 16
+    assert call_length(20, 40, 50, [16]) == 50  # 16 cannot hold it: the longest call from here
+    # Every call of a stage fits the first length compiled: one compilation per stage (and buffers).
+    for remaining, per_call in ((5000, 50), (37, 50), (20, 7), (4, 50)):
+        first = call_length(1, remaining, per_call)
+        left = remaining
+        while left > 0:
+            n = min(left, per_call, 1 + left // 3)  # calls cut short by boundaries
+            assert call_length(n, left, per_call, [first]) == first
+            left -= n
+    with pytest.raises(ValueError, match="n <= remaining"):
+        call_length(5, 4, 50)
+
+
+def test_a_short_call_inside_a_stage_compiles_nothing_more(tiny, tmp_path):
+    """The evaluation after iteration 1 makes a one-iteration call: it runs the stage's full-length function
+    (padded with masked iterations, which leave the state bit-identical: test_step_with_apply_false...), so the
+    run compiles once (before: lengths 1 and 8)."""
+    config, _, _, cache = tiny
+    config = config.copy_and_resolve_references()
+    config.data.cache_dir = cache
+    config.train.iterations = 8
+    config.eval.iterations = (1, 8)
+    config.checkpoint.every = 8
+    config.densify.enabled = False
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    compiles = [r for r in recs if r["kind"] == "compile"]
+    assert [(r["step"], r["scan_length"]) for r in compiles] == [(1, 8)]
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [1, 8]
+    assert [r["step"] for r in recs if r["kind"] == "train"][:1] == [1]
+
+
 def test_chunks_end_on_boundaries(tiny):
     config = r2_static.get_config("tiny")
     config.train.steps_per_call = 7

@@ -98,6 +98,7 @@ class Checkpointer:
         self.verify_writes = bool(verify_writes)
         self._pending: Optional[concurrent.futures.Future] = None  # the background save in flight
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._closed = False
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.damaged: list[tuple[int, str]] = []  # (step, reason) skipped by the last `restore`, newest first
         if read_only:  # the values orbax would otherwise override with a warning
@@ -264,11 +265,14 @@ class Checkpointer:
         return step
 
     def close(self):
-        """Finish (and verify) the background save, then release orbax; raises the save's CheckpointError."""
+        """Finish (and verify) the background save, then release orbax; raises the save's CheckpointError.
+        Closing twice is harmless (the trainer closes before its export and again if anything failed)."""
         try:
             self.wait()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            self._manager.close()
+            if not self._closed:
+                self._closed = True
+                self._manager.close()

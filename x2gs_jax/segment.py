@@ -251,6 +251,6 @@ def mode_bins(hist: jax.Array, split_bin) -> tuple[jax.Array, jax.Array]:
     return low, high
 
 
-__all__ = ["HIST_BINS", "HIST_COUNTERS", "shift", "erode", "run_max", "propagate_max", "inplane_border_fill", "label_components",
-           "component_sizes", "largest_component", "large_components", "histogram", "robust_range", "otsu_bin",
-           "smooth_hist", "mode_bins"]
+__all__ = ["HIST_BINS", "HIST_COUNTERS", "shift", "erode", "run_max", "propagate_max", "inplane_border_fill",
+           "label_components", "component_sizes", "largest_component", "large_components", "histogram",
+           "robust_range", "otsu_bin", "smooth_hist", "mode_bins"]

@@ -43,8 +43,8 @@ from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_state,
                                 scale_bound_from_config, template_state)
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
-from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, is_densify_iteration, make_multi_step,
-                                 make_train_step, padded_length)
+from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, call_length, is_densify_iteration,
+                                 make_multi_step, make_train_step)
 
 __all__ = ["NonFiniteError", "StaticModel", "TrainData", "build_optimizer", "check_iteration", "chunk_end",
            "densify_step", "evaluate", "grow_state", "grown_capacity", "grown_pair_capacity", "init_state",
@@ -255,8 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             end = chunk_end(it0, config, total, coarse_end)
             its = np.arange(it0, end + 1)
             # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
-            # every chunk of a stage, capacity and pair buffer.
-            n_scan = padded_length(len(its), config.train.steps_per_call)
+            # every chunk of a stage, capacity and pair buffer (short calls inside a stage included).
+            n_scan = call_length(len(its), stage_end - it0 + 1, config.train.steps_per_call,
+                                 [k[3] for k in steps if k[:3] == (stage, state.capacity, max_pairs)])
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, n_scan)
             B = int(config.train.views_per_step)  # the global batch: view j of iteration it, split over the mesh
