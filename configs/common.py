@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Iterations per jitted call (lax.scan): removes per-iteration host round trips. Calls also end at
     # densify, evaluation and checkpoint iterations, so results do not depend on this value.
     c.train.steps_per_call = 50
+    # A shorter call inside a stage (the evaluation after iteration 1, the redo after a pair-buffer overflow) runs the
+    # stage's full-length function padded with masked iterations instead of compiling its own (train_step.call_length):
+    # right where a compilation costs seconds and an iteration milliseconds (GPUs); the CPU variants turn it off.
+    c.train.pad_short_calls = True
 
     c.loss = ml_collections.ConfigDict(dict(
         lambda_dssim=0.25, lambda_tv=0.05, tv_vol_size=32,

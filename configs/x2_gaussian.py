@@ -56,6 +56,7 @@ def get_config(arg=None):
     if arg == "demo":  # the embedded phantom at CPU size; a small field
         c.data.phantom.update(dict(size=48, detector=64, views=120, val_views=10))
         c.data.init.n_points = 6000
+        c.train.pad_short_calls = False  # CPU-sized: a masked iteration costs about a second here
         c.model.field.resolution = (16, 16, 16, 40)
         c.model.field.multires = (1, 2)
         c.train.iterations = 400
@@ -82,6 +83,7 @@ def get_config(arg=None):
         c.data.phantom.update(dict(size=24, detector=32, views=24, val_views=4))
         c.data.init.n_points = 1500
         c.model.field.resolution = (8, 8, 8, 12)
+        c.train.pad_short_calls = False  # CPU-sized
         c.model.field.multires = (1, 2)
         c.model.field.features = 8
         c.train.iterations = 16

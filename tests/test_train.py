@@ -345,22 +345,27 @@ def test_padded_scan_length():
 
 
 def test_call_length_compiles_each_stage_once():
-    from x2gs_jax.train_step import call_length
+    from x2gs_jax.train_step import call_length, padded_length
 
-    # Nothing compiled yet: the longest call possible from here, padded.
-    assert call_length(1, 5000, 50) == 50  # the evaluation after iteration 1 runs the full-length function
-    assert call_length(3, 13, 50) == 16 and call_length(13, 13, 50) == 16  # the stage's tail
+    # A full-length call follows: the full length (the evaluation after iteration 1, an overflow's redo).
+    assert call_length(1, 5000, 50) == 50 and call_length(13, 163, 50) == 50
+    # None follows (the stage's tail): the call's own padded length, as without padding.
+    assert call_length(13, 62, 50) == 16 and call_length(4, 12, 50) == 4
     # The shortest compiled length that holds the call.
     assert call_length(13, 4000, 50, [50]) == 50 and call_length(2, 13, 50, [16, 50]) == 16
-    assert call_length(20, 40, 50, [16]) == 50  # 16 cannot hold it: the longest call from here
-    # Every call of a stage fits the first length compiled: one compilation per stage (and buffers).
+    assert call_length(20, 40, 50, [16]) == 32  # 16 cannot hold it
+    # Every call of a stage (same capacity and buffers) fits the first length compiled.
     for remaining, per_call in ((5000, 50), (37, 50), (20, 7), (4, 50)):
-        first = call_length(1, remaining, per_call)
-        left = remaining
+        compiled, left = [], remaining
         while left > 0:
             n = min(left, per_call, 1 + left // 3)  # calls cut short by boundaries
-            assert call_length(n, left, per_call, [first]) == first
+            length = call_length(n, left, per_call, compiled)
+            assert length >= n and (not compiled or length in compiled or length == padded_length(n, per_call))
+            compiled = sorted(set(compiled) | {length})
             left -= n
+        assert len(compiled) <= 2, (remaining, per_call, compiled)  # the full length, and at most the tail's
+    # Off (the CPU variants): the call's own padded length.
+    assert call_length(1, 5000, 50, [50], pad_short=False) == 1
     with pytest.raises(ValueError, match="n <= remaining"):
         call_length(5, 4, 50)
 
@@ -368,7 +373,7 @@ def test_call_length_compiles_each_stage_once():
 def test_a_short_call_inside_a_stage_compiles_nothing_more(tiny, tmp_path):
     """The evaluation after iteration 1 makes a one-iteration call: it runs the stage's full-length function
     (padded with masked iterations, which leave the state bit-identical: test_step_with_apply_false...), so the
-    run compiles once (before: lengths 1 and 8)."""
+    run compiles once (without padding: lengths 1 and 4)."""
     config, _, _, cache = tiny
     config = config.copy_and_resolve_references()
     config.data.cache_dir = cache
@@ -376,10 +381,12 @@ def test_a_short_call_inside_a_stage_compiles_nothing_more(tiny, tmp_path):
     config.eval.iterations = (1, 8)
     config.checkpoint.every = 8
     config.densify.enabled = False
+    config.train.steps_per_call = 4
+    config.train.pad_short_calls = True  # the GPU configs' setting (the CPU variants turn it off)
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     compiles = [r for r in recs if r["kind"] == "compile"]
-    assert [(r["step"], r["scan_length"]) for r in compiles] == [(1, 8)]
+    assert [(r["step"], r["scan_length"]) for r in compiles] == [(1, 4)]  # calls 1, 2-4, 5-8: one function
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [1, 8]
     assert [r["step"] for r in recs if r["kind"] == "train"][:1] == [1]
 

@@ -257,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
             # every chunk of a stage, capacity and pair buffer (short calls inside a stage included).
             n_scan = call_length(len(its), stage_end - it0 + 1, config.train.steps_per_call,
-                                 [k[3] for k in steps if k[:3] == (stage, state.capacity, max_pairs)])
+                                 [k[3] for k in steps if k[:3] == (stage, state.capacity, max_pairs)],
+                                 bool(config.train.get("pad_short_calls", True)))
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, n_scan)
             B = int(config.train.views_per_step)  # the global batch: view j of iteration it, split over the mesh

@@ -295,18 +295,23 @@ def padded_length(n: int, max_len: int) -> int:
     return max(1, min(int(max_len), 1 << (int(n) - 1).bit_length()))
 
 
-def call_length(n: int, remaining: int, max_len: int, compiled: Sequence[int] = ()) -> int:
-    """Scan length for a call of n iterations with `remaining` (>= n) iterations left in its stage, given the
-    lengths already `compiled` for the same stage, capacity and pair buffer: the shortest of those that holds n,
-    else the padded length of the longest call possible from here, `padded_length(min(remaining, max_len))`.
+def call_length(n: int, remaining: int, max_len: int, compiled: Sequence[int] = (), pad_short: bool = True) -> int:
+    """Scan length for a call of n iterations with `remaining` (>= n) iterations left in its stage.
 
-    Every later call of the stage (same capacity and pair buffer) then fits the first length compiled, so each
-    compiles once: a short call (the evaluation after iteration 1, the redo after a pair-buffer overflow, a
-    boundary that is not a multiple of max_len) runs padded with masked iterations instead of compiling a length
-    of its own. On the H200 each extra compilation of the default run cost 5.4-8.0 s (trace + XLA); a masked
-    iteration costs one iteration (~1 ms in the static stage).
+    pad_short=False: `padded_length(n, max_len)`. pad_short=True (GPU-sized configs): the shortest of the lengths
+    already `compiled` for the same stage, capacity and pair buffer that holds n; else max_len when a full-length
+    call of the stage follows this one (remaining - n >= max_len), so that a short call inside a stage (the
+    evaluation after iteration 1, the redo after a pair-buffer overflow) runs that function padded with masked
+    iterations instead of compiling a length of its own; else `padded_length(n, max_len)`. On the H200 each extra
+    compilation of the default run cost 5.4-8.0 s (trace + XLA) and a masked iteration costs one iteration (~1 ms
+    in the static stage); on a CPU a masked iteration of the `:tiny` fine stage costs ~0.7 s, hence the switch.
     """
     if not 1 <= int(n) <= int(remaining):
         raise ValueError(f"call_length: need 1 <= n <= remaining, got n={n}, remaining={remaining}")
-    fits = [int(length) for length in compiled if int(length) >= int(n)]
-    return min(fits) if fits else padded_length(min(int(remaining), int(max_len)), max_len)
+    if pad_short:
+        fits = [int(length) for length in compiled if int(length) >= int(n)]
+        if fits:
+            return min(fits)
+        if int(remaining) - int(n) >= int(max_len):
+            return max(1, int(max_len))
+    return padded_length(n, max_len)
