@@ -52,6 +52,16 @@ def erode(mask: jax.Array, voxels: int) -> jax.Array:
     return mask
 
 
+def _by_backend(method: str, accelerator: str, cpu: str) -> str:
+    """The one place the segmentation picks an algorithm by backend: `method` itself, or for "auto" the `cpu`
+    one on XLA's CPU backend and the `accelerator` one elsewhere."""
+    if method == "auto":
+        return cpu if jax.default_backend() == "cpu" else accelerator
+    if method not in (accelerator, cpu):
+        raise ValueError(f"method must be 'auto', {accelerator!r} or {cpu!r}, got {method!r}")
+    return method
+
+
 def _run_max_associative(values: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
     def combine(a, b):  # a precedes b; b's flag: b is linked all the way back to a's first voxel
         va, la = a
@@ -90,13 +100,9 @@ def run_max(values: jax.Array, mask: jax.Array, axis: int, method: str = "auto")
     axis), or "auto" (sequential when jax.default_backend() is "cpu"). Both are exact and give identical results
     (tests/test_lung_segmentation.py). No gathers: those are slow on XLA's CPU backend.
     """
-    if method == "auto":
-        method = "sequential" if jax.default_backend() == "cpu" else "associative"
-    if method == "sequential":
+    if _by_backend(method, "associative", "sequential") == "sequential":
         return _run_max_sequential(values, mask, axis)
-    if method == "associative":
-        return _run_max_associative(values, mask, axis)
-    raise ValueError(f"run_max: method must be 'auto', 'sequential' or 'associative', got {method!r}")
+    return _run_max_associative(values, mask, axis)
 
 
 def propagate_max(values: jax.Array, mask: jax.Array, axes=(0, 1, 2), method: str = "auto") -> jax.Array:
@@ -144,14 +150,6 @@ def label_components(mask: jax.Array, method: str = "auto") -> jax.Array:
     return propagate_max(jnp.where(mask, idx, 0), mask, method=method)
 
 
-def _on_cpu(method: str, accelerator: str, cpu: str) -> str:
-    if method == "auto":
-        return cpu if jax.default_backend() == "cpu" else accelerator
-    if method not in (accelerator, cpu):
-        raise ValueError(f"method must be 'auto', {accelerator!r} or {cpu!r}, got {method!r}")
-    return method
-
-
 def component_sizes(labels: jax.Array, method: str = "auto") -> jax.Array:
     """int32 [..., nz]: the voxel count of each voxel's component (`label_components` output), 0 on background.
 
@@ -159,7 +157,7 @@ def component_sizes(labels: jax.Array, method: str = "auto") -> jax.Array:
     axis adds its length once, at its last voxel: as many atomic adds to a label as its component has runs, not
     voxels), or "auto" (scatter on XLA's CPU backend, runs elsewhere; see HIST_COUNTERS). Both are exact.
     """
-    method = _on_cpu(method, "runs", "scatter")
+    method = _by_backend(method, "runs", "scatter")
     flat = labels.reshape(-1)
     n = flat.shape[0]
     if method == "scatter":
@@ -201,7 +199,7 @@ def histogram(values: jax.Array, lo, hi, bins: int, weights=None, copies: int | 
     i = jnp.clip(jnp.floor((values - lo) / width), 0, bins - 1).astype(jnp.int32).reshape(-1)
     w = jnp.ones(i.shape, jnp.int32) if weights is None else weights.reshape(-1).astype(jnp.int32)
     if copies is None:
-        copies = 1 if jax.default_backend() == "cpu" else max(1, HIST_COUNTERS // bins)
+        copies = 1 if _by_backend("auto", "copies", "one") == "one" else max(1, HIST_COUNTERS // bins)
     copies = int(min(max(copies, 1), i.shape[0]))
     if copies == 1:
         return jnp.zeros(bins, jnp.int32).at[i].add(w)
