@@ -66,13 +66,13 @@ def profile_chunk(run: eval_lib.Run, chunk: int, lung_threshold, fusions=(), top
 
     vol = eval_lib.volume_at(run)
     t = jnp.linspace(0.0, 1.0, chunk, endpoint=False)
-    whole = eval_lib.lung_ml_batched(run, lung_threshold)  # compiles run.compiled[("lung_ml", ERODE_VOXELS)]
+    whole = eval_lib.lung_ml_batched(run, lung_threshold)
     thr = jnp.float32(jnp.nan if lung_threshold is None else lung_threshold)
     frac = jnp.float32(eval_lib.tidal.MIN_COMPONENT_FRACTION)
     alone = jax.jit(jax.vmap(lambda p, t: jnp.sum(vol(p, t)), in_axes=(None, 0)))
     cases = {"voxelize": (alone, lambda: alone.lower(run.query_params, t)),
-             "voxelize+segment": (whole, lambda: run.compiled[("lung_ml", eval_lib.tidal.ERODE_VOXELS)].lower(
-                 run.query_params, t, thr, frac))}
+             "voxelize+segment": (whole, lambda: eval_lib.lung_ml_program(run).lower(run.query_params, t, thr,
+                                                                                    frac))}
     for name, (fn, lower) in cases.items():
         wall, kernels = gpu_kernels(fn, (run.query_params, t))
         total = sum(ms for _, ms in kernels.values())

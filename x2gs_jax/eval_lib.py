@@ -222,6 +222,17 @@ def volume_batched(run: Run) -> Callable:
     return run.compiled["volume"]
 
 
+def lung_ml_program(run: Run, erode_voxels: int = tidal.ERODE_VOXELS) -> Callable:
+    """The run's compiled lung query, (params, t [n], threshold (NaN = automatic), component fraction) -> [n, 2]
+    (see `lung_ml_batched`); built once per run and `erode_voxels`."""
+    key = ("lung_ml", int(erode_voxels))
+    if key not in run.compiled:
+        vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
+        one = lambda p, t, thr, frac: jnp.stack(tidal.lung_measure(vol(p, t), mm, thr, int(erode_voxels), frac))
+        run.compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
+    return run.compiled[key]
+
+
 def lung_ml_batched(run: Run, lung_threshold: Optional[float] = None, erode_voxels: int = tidal.ERODE_VOXELS,
                     min_component_fraction: float = tidal.MIN_COMPONENT_FRACTION) -> Callable:
     """(params, t [n]) -> [n, 2]: per time, the lung volume (mL) and the air threshold used (volume units; the
@@ -229,12 +240,7 @@ def lung_ml_batched(run: Run, lung_threshold: Optional[float] = None, erode_voxe
 
     One program per run and `erode_voxels` (a static shape of the erosion): the threshold and the component
     fraction are arguments, so curves with other values of either reuse it."""
-    key = ("lung_ml", int(erode_voxels))
-    if key not in run.compiled:
-        vol, mm = volume_at(run), run.case.scanner.d_voxel_mm
-        one = lambda p, t, thr, frac: jnp.stack(tidal.lung_measure(vol(p, t), mm, thr, int(erode_voxels), frac))
-        run.compiled[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, None, None)))
-    f = run.compiled[key]
+    f = lung_ml_program(run, erode_voxels)
     thr = jnp.float32(jnp.nan if lung_threshold is None else lung_threshold)  # NaN = automatic (segment_lungs)
     frac = jnp.float32(min_component_fraction)
     return lambda params, t: f(params, t, thr, frac)
@@ -482,6 +488,6 @@ def evaluate_run(workdir: str, data: Optional[str] = None, step: Optional[int] =
 
 
 __all__ = ["Run", "RunError", "MismatchError", "load_config", "load_run", "check_scanner", "map_times", "volume_at",
-           "volume_batched", "lung_ml_batched",
+           "volume_batched", "lung_ml_program", "lung_ml_batched",
            "reconstruction_metrics", "render_val", "fdk_baselines", "tidal_curve", "write_tidal_csv", "export_volumes",
            "format_table", "evaluate_run"]
