@@ -19,9 +19,15 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Triton's interpreter is not thread-safe, and XLA's CPU runtime may run independent host callbacks at once (seen:
+# `InterpreterError` with two fused-field launches in flight): one interpreted launch at a time.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def on_gpu() -> bool:
@@ -117,7 +123,8 @@ def _interpret(kernel, grid, out_shapes, inputs, scalars, zeroed, aliases, meta)
                 outs.append(np.zeros(s.shape, s.dtype))
             else:
                 outs.append(_poison(s.shape, s.dtype))
-        fn[grid](*ins, *scalars, *[_HostTensor(o) for o in outs], **meta)
+        with _INTERPRETER_LOCK:
+            fn[grid](*ins, *scalars, *[_HostTensor(o) for o in outs], **meta)
         return tuple(np.array(o, copy=True) for o in outs)
 
     return jax.pure_callback(host, tuple(out_shapes), *inputs)

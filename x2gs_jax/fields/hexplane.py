@@ -19,7 +19,8 @@ gather-based with a custom VJP whose residuals are only the plane (by reference)
 so no per-corner [N, C] tensor is kept for the backward pass.
 
 Feature of a point: concat over levels of the element-wise product of its 6 plane samples,
-[N, n_levels * C] (128 for the defaults).
+[N, n_levels * C] (128 for the defaults). On a GPU the product of a level's 3 spatial samples is one fused
+Triton kernel pair (kernels/field.py; `_triton_field`: X2GS_FIELD_KERNEL=xla selects the pure-JAX path).
 """
 from __future__ import annotations
 
@@ -222,6 +223,42 @@ def _validated_sample(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array
     return sample_plane(plane, u, v)
 
 
+def _triton_field() -> bool:
+    """The spatial product of a level through the fused Triton kernels (kernels/field.py): on a GPU (decided at
+    trace time) with jax_triton importable, unless X2GS_FIELD_KERNEL=xla. X2GS_FIELD_KERNEL=interpret forces the
+    kernel path on any backend (tests: on a CPU the kernels run in Triton's interpreter, slow, small sizes only)."""
+    import os
+
+    mode = os.environ.get("X2GS_FIELD_KERNEL", "auto")
+    if mode == "xla":
+        return False
+    if mode == "interpret":
+        return True
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        import kernels.field  # noqa: F401
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _spatial_product(planes_xy_xz_yz: Sequence[jax.Array], g_xyz: jax.Array) -> jax.Array:
+    """s_xy · s_xz · s_yz [N, C] of one level's (x,y), (x,z), (y,z) planes at g_xyz [N, 3]: the one place that picks
+    the backend (`_triton_field`): one fused kernel pair, or three `sample_plane`s and their products."""
+    if _triton_field():
+        from kernels.field import spatial_level  # GPU: one kernel per level instead of a tail of small ones
+
+        return spatial_level(planes_xy_xz_yz, g_xyz)
+    feat = None
+    for plane, p in zip(planes_xy_xz_yz, SPATIAL_PLANES):
+        a, b = PLANE_PAIRS[p]
+        s = _validated_sample(plane, g_xyz[:, a], g_xyz[:, b])
+        feat = s if feat is None else feat * s
+    return feat
+
+
 # ------------------------------------------------------------------------- time planes at one time
 def _time_rows(plane: jax.Array, g_t: jax.Array):
     """The two plane rows around the scalar time coordinate g_t: (r0, r1 [C, R_a], j0, fj, dj)."""
@@ -280,19 +317,20 @@ def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array
     """Element-wise product of the 6 plane samples of one level: [N, C].
 
     g_xyz: [N, 3] spatial grid coordinates; g_t: [] one time coordinate shared by every point (the time planes
-    then take the contention-free `sample_time_plane` path) or [N] one per point (`grid_coords`)."""
-    feat = None
-    for p, (plane, (a, b)) in enumerate(zip(planes, PLANE_PAIRS)):
-        if p in TIME_PLANES and jnp.ndim(g_t) == 0:
+    then take the contention-free `sample_time_plane` path) or [N] one per point (`grid_coords`).
+    Computed as (spatial product) · (time product): `_spatial_product` picks the fused kernel or the pure path."""
+    spatial = _spatial_product([planes[p] for p in SPATIAL_PLANES], g_xyz)
+    temporal = None
+    for p in TIME_PLANES:
+        plane, (a, _) = planes[p], PLANE_PAIRS[p]
+        if jnp.ndim(g_t) == 0:
             if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
                 raise ValueError(f"sample_time_plane: plane must be [C, R_t>=2, R_a>=2], got {plane.shape}")
             s = sample_time_plane(plane, g_xyz[:, a], g_t)
-        elif p in TIME_PLANES:
-            s = _validated_sample(plane, g_xyz[:, a], g_t)
         else:
-            s = _validated_sample(plane, g_xyz[:, a], g_xyz[:, b])
-        feat = s if feat is None else feat * s
-    return feat
+            s = _validated_sample(plane, g_xyz[:, a], g_t)
+        temporal = s if temporal is None else temporal * s
+    return spatial * temporal
 
 
 def hexplane_features(grid_params: Sequence[Sequence[jax.Array]], xyz: jax.Array, t, *, bounds: float = 1.6,
