@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,7 +160,10 @@ def test_resume_past_a_damaged_checkpoint_continues_exactly(tiny_static_runs, tm
     a = np.load(tiny_static_runs["runs"]["mp0"] / "export" / "gaussians.npz")
     b = np.load(run / "export" / "gaussians.npz")
     for k in a.files:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:  # GPU: the rasterizer's atomic float sums differ in order from run to run (H200: ≤ 2.3e-5 relative)
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert sorted(Checkpointer(str(run), read_only=True).all_steps()) == [2, 4]
     assert [p.split("-")[0] for p in os.listdir(run / "damaged_checkpoints")] == ["4"]
     resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
