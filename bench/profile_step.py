@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -57,7 +58,9 @@ def main():
 def print_fusion(hlo_text: str, name: str, max_lines: int = 60):
     """The instruction that calls fusion `name` and the fused computation's body (what XLA merged there)."""
     lines = hlo_text.splitlines()
-    calls = [ln for ln in lines if f" {name} = " in ln or f"%{name} = " in ln]
+    # The kernel of HLO fusion "loop_pad_fusion.20" is named "loop_pad_fusion_20" in the profile: try both spellings.
+    spellings = {name, re.sub(r"_(\d+)$", r".\1", name)}
+    calls = [ln for ln in lines if any(f" {n} = " in ln or f"%{n} = " in ln for n in spellings)]
     print(f"== {name}: " + (calls[0].strip()[:400] if calls else "not found"))
     if calls and "calls=" in calls[0]:
         comp = calls[0].split("calls=")[1].split(",")[0].split(" ")[0].strip("%")
