@@ -12,6 +12,9 @@ w a fixed random [N, levels·C] cotangent), one jitted call each, median of --re
 Modes: "kernel" = X2GS_FIELD_KERNEL=auto (on a CPU: =interpret, the kernels in Triton's interpreter, for the smoke
 test only), "xla" = X2GS_FIELD_KERNEL=xla (three `sample_plane`s per level; plane gradients through the Triton
 scatter on a GPU, as before this kernel). The variable is read at trace time: each mode gets its own jitted closures.
+--time-kernel xla|auto sets X2GS_TIME_KERNEL for the whole run (both modes): the time planes' line gradient as the
+dense one-hot product (xla, the default) or the segmented Triton kernel (auto; on a CPU: interpret, smoke test only).
+  python bench/field.py --gaussians 200000 --modes kernel --time-kernel xla      # vs --time-kernel auto
 
 Floor: bytes of the spatial tables read once (fwd), plus the spatial gradient tables written once (fwd+bwd), over
 4.8 TB/s (H200 HBM3e peak). The time planes, the [N, C] features and the coordinates are not counted (the spatial
@@ -71,13 +74,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="the :tiny config's field (CPU smoke test)")
     ap.add_argument("--modes", default="kernel,xla", help="comma list of kernel, xla")
+    ap.add_argument("--time-kernel", default="xla", choices=("xla", "auto"),
+                    help="X2GS_TIME_KERNEL for the run: time planes' line gradient by one-hot product or kernel")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     field = x2_gaussian.get_config("tiny" if args.tiny else None).model.field
     res, multires, c = tuple(field.resolution), tuple(field.multires), int(field.features)
     dev = jax.devices()[0]
+    # Read at trace time (every closure is traced after this); on a CPU the kernel runs in Triton's interpreter.
+    time_env = "auto" if dev.platform == "gpu" else "interpret"
+    old_time = os.environ.get("X2GS_TIME_KERNEL")
+    os.environ["X2GS_TIME_KERNEL"] = "xla" if args.time_kernel == "xla" else time_env
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; field {res} x {multires}, C={c}, "
-          f"N={args.gaussians}", flush=True)
+          f"N={args.gaussians}, time kernel {os.environ['X2GS_TIME_KERNEL']} "
+          f"(used: {hexplane._triton_time_line()})", flush=True)
 
     rng = np.random.default_rng(0)
     grid = hexplane.init_grid(jax.random.PRNGKey(0), res, multires, c)
@@ -88,6 +98,7 @@ def main(argv=None):
     floor_fwd, floor_both = table_bytes / HBM_BPS * 1e3, 2 * table_bytes / HBM_BPS * 1e3
     results = {"device": dev.device_kind, "backend": dev.platform, "resolution": res, "multires": multires,
                "features": c, "gaussians": args.gaussians, "repeats": args.repeats,
+               "time_kernel": args.time_kernel, "time_kernel_used": hexplane._triton_time_line(),
                "spatial_table_bytes": table_bytes, "floor_fwd_ms": floor_fwd, "floor_fwd_bwd_ms": floor_both,
                "modes": {}}
     outputs = {}
@@ -118,6 +129,10 @@ def main(argv=None):
             os.environ.pop("X2GS_FIELD_KERNEL", None)
         else:
             os.environ["X2GS_FIELD_KERNEL"] = old
+        if old_time is None:
+            os.environ.pop("X2GS_TIME_KERNEL", None)
+        else:
+            os.environ["X2GS_TIME_KERNEL"] = old_time
     if len(outputs) == 2:  # the two paths must agree (relative norm error of features and every gradient)
         leaves = zip(jax.tree_util.tree_leaves(outputs["kernel"]), jax.tree_util.tree_leaves(outputs["xla"]))
         errs = [float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64))

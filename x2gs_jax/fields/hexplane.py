@@ -260,6 +260,26 @@ def _spatial_product(planes_xy_xz_yz: Sequence[jax.Array], g_xyz: jax.Array) -> 
 
 
 # ------------------------------------------------------------------------- time planes at one time
+def _triton_time_line() -> bool:
+    """The line gradient of `sample_time_plane` through the segmented Triton kernel (kernels/line.py), read at trace
+    time from X2GS_TIME_KERNEL: "xla" (the default) = the dense one-hot product (the CPU path and the kernel's pure
+    twin); "interpret" = the kernel on any backend (tests: Triton's interpreter on a CPU); "auto" = the kernel on a
+    GPU with jax_triton importable. The default stays "xla" until the kernel has been timed on a GPU (then: auto)."""
+    import os
+
+    mode = os.environ.get("X2GS_TIME_KERNEL", "xla")
+    if mode == "interpret":
+        return True
+    if mode != "auto" or jax.default_backend() != "gpu":
+        return False
+    try:
+        import kernels.line  # noqa: F401
+        import jax_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _time_rows(plane: jax.Array, g_t: jax.Array):
     """The two plane rows around the scalar time coordinate g_t: (r0, r1 [C, R_a], j0, fj, dj)."""
     j0, fj, dj = _axis_lookup(g_t, plane.shape[1])
@@ -299,9 +319,18 @@ def _time_bwd(res, g):
     a = line.at[i0].get(mode="promise_in_bounds")
     b = line.at[i0 + 1].get(mode="promise_in_bounds")
     d_u = jnp.sum(g * (b - a), axis=1) * di
-    cols = jnp.arange(ra, dtype=jnp.int32)[None, :]
-    w = jnp.where(cols == i0[:, None], (1.0 - fi)[:, None], 0.0) + jnp.where(cols == i0[:, None] + 1, fi[:, None], 0.0)
-    d_line = jnp.dot(w.T, g, precision=jax.lax.Precision.HIGHEST)  # [R_a, C], exact float32 sums
+    if _triton_time_line():
+        from kernels.line import line_gradient  # GPU: segmented sums over points sorted by column
+
+        # u is the same for every level of the plane and is not batched under the vmap over times: XLA computes
+        # this sort once per plane (the levels' identical sorts are merged), not once per level and time.
+        perm = jnp.argsort(u).astype(jnp.int32)
+        d_line = line_gradient(perm, i0, fi, g, ra)  # [R_a, C]
+    else:
+        cols = jnp.arange(ra, dtype=jnp.int32)[None, :]
+        w = (jnp.where(cols == i0[:, None], (1.0 - fi)[:, None], 0.0)
+             + jnp.where(cols == i0[:, None] + 1, fi[:, None], 0.0))
+        d_line = jnp.dot(w.T, g, precision=jax.lax.Precision.HIGHEST)  # [R_a, C], exact float32 sums
     d_plane = jnp.zeros_like(plane)
     d_plane = d_plane.at[:, j0, :].add((1.0 - fj) * d_line.T)
     d_plane = d_plane.at[:, j0 + 1, :].add(fj * d_line.T)
