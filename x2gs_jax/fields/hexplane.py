@@ -331,9 +331,13 @@ def _time_bwd(res, g):
         w = (jnp.where(cols == i0[:, None], (1.0 - fi)[:, None], 0.0)
              + jnp.where(cols == i0[:, None] + 1, fi[:, None], 0.0))
         d_line = jnp.dot(w.T, g, precision=jax.lax.Precision.HIGHEST)  # [R_a, C], exact float32 sums
-    d_plane = jnp.zeros_like(plane)
-    d_plane = d_plane.at[:, j0, :].add((1.0 - fj) * d_line.T)
-    d_plane = d_plane.at[:, j0 + 1, :].add(fj * d_line.T)
+    # The plane gradient is (1 - fj)·d_line on row j0, fj·d_line on row j0 + 1 and zero elsewhere, written as one
+    # elementwise select rather than two row scatters into a zero plane: under jax.vmap over times (the periodic
+    # render, the tidal chunks) the scatters built one full [C, R_t, R_a] buffer per time before summing them,
+    # whereas a select over broadcasts fuses with that sum into a single pass writing the plane once. Same values.
+    rows = jnp.arange(plane.shape[1], dtype=jnp.int32)[None, :, None]
+    d_plane = jnp.where(rows == j0, (1.0 - fj) * d_line.T[:, None, :],
+                        jnp.where(rows == j0 + 1, fj * d_line.T[:, None, :], 0.0)).astype(plane.dtype)
     d_gt = jnp.sum((r1 - r0) * d_line.T) * dj
     return d_plane, d_u.astype(u.dtype), d_gt.astype(g_t.dtype)
 
