@@ -323,3 +323,29 @@ def test_times_batched_by_vmap_share_the_spatial_samples_and_their_gradient():
     jaxpr = jax.make_jaxpr(lambda g: jax.vmap(lambda t: hexplane.hexplane_features(g, xyz, t))(ts))(grid)
     shapes = [tuple(e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("custom_vjp")]
     assert sorted(shapes) == sorted([(30, 3)] * 6 + [(3, 30, 3)] * 6), shapes
+
+
+def test_time_plane_gradient_under_vmap_builds_no_plane_per_time():
+    """The time planes' gradient under jax.vmap over times: no scatter into a per-time copy of a plane (the old
+    form, two row scatters into zeros, made one full [C, R_t, R_a] buffer per time before summing them); the rows
+    still get exactly (1 - fj)·d_line and fj·d_line (checked against a loop in the test above)."""
+    grid = random_grid(13)
+    xyz = jnp.asarray(np.random.default_rng(14).uniform(-1.5, 1.5, (20, 3)), jnp.float32)
+    ts = jnp.asarray([0.2, 0.7], jnp.float32)
+
+    def loss(g):
+        return jnp.sum(jax.vmap(lambda t: hexplane.hexplane_features(g, xyz, t, time_mapping="full"))(ts) ** 2)
+
+    def eqns(jaxpr):
+        for e in jaxpr.eqns:
+            yield e
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from eqns(inner)
+
+    planes = {tuple(p.shape) for level in grid for p in (level[i] for i in hexplane.TIME_PLANES)}
+    scatters = [tuple(e.outvars[0].aval.shape) for e in eqns(jax.make_jaxpr(jax.grad(loss))(grid).jaxpr)
+                if e.primitive.name.startswith("scatter") and tuple(e.outvars[0].aval.shape)[-3:] in planes]
+    assert scatters == [], scatters
