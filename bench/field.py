@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -35,22 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.render import timeit  # noqa: E402  (median of synchronised calls after a warm-up)
 from configs import x2_gaussian  # noqa: E402
 from x2gs_jax.fields import hexplane  # noqa: E402
 
 HBM_BPS = 4.8e12  # H200 peak memory bandwidth, bytes/s
-
-
-def timeit(fn, args, repeats: int, warmup: int = 1) -> float:
-    """Median wall time (ms) of fn(*args) after `warmup` calls, each call synchronised."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def spatial_table_bytes(resolution, multires, features) -> int:
