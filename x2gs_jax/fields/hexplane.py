@@ -156,20 +156,31 @@ def _corner_rows(plane: jax.Array, u: jax.Array, v: jax.Array):
     return rows, idx, (fi, fj), (di, dj)
 
 
-def _triton_scatter() -> bool:
-    """Plane gradients through the Triton scatter kernel: on a GPU (decided at trace time), unless
-    X2GS_PLANE_SCATTER=xla. CPU machines use XLA's scatter (the kernel's logic is tested in Triton's
-    interpreter there)."""
+def _use_kernel(env: str, default: str, module: str) -> bool:
+    """Whether a Triton kernel replaces a pure-JAX piece of the field, read at trace time from environment variable
+    `env` (`default` when unset): "xla" = the pure-JAX path; "interpret" = the kernel on any backend (tests: Triton's
+    interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import. The
+    one place where the field's backends are chosen (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
+    import importlib
     import os
 
-    if os.environ.get("X2GS_PLANE_SCATTER", "auto") == "xla" or jax.default_backend() != "gpu":
+    mode = os.environ.get(env, default)
+    if mode == "interpret":
+        return True
+    if mode != "auto" or jax.default_backend() != "gpu":
         return False
     try:
-        import kernels.plane_scatter  # noqa: F401
+        importlib.import_module(module)
         import jax_triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _triton_scatter() -> bool:
+    """Plane gradients of `sample_plane` through the Triton scatter kernel (kernels/plane_scatter.py):
+    X2GS_PLANE_SCATTER, default auto (XLA's scatter emitter was the bottleneck on GPUs)."""
+    return _use_kernel("X2GS_PLANE_SCATTER", "auto", "kernels.plane_scatter")
 
 
 @jax.custom_vjp
@@ -224,24 +235,8 @@ def _validated_sample(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array
 
 
 def _triton_field() -> bool:
-    """The spatial product of a level through the fused Triton kernels (kernels/field.py): on a GPU (decided at
-    trace time) with jax_triton importable, unless X2GS_FIELD_KERNEL=xla. X2GS_FIELD_KERNEL=interpret forces the
-    kernel path on any backend (tests: on a CPU the kernels run in Triton's interpreter, slow, small sizes only)."""
-    import os
-
-    mode = os.environ.get("X2GS_FIELD_KERNEL", "auto")
-    if mode == "xla":
-        return False
-    if mode == "interpret":
-        return True
-    if jax.default_backend() != "gpu":
-        return False
-    try:
-        import kernels.field  # noqa: F401
-        import jax_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """A level's spatial product through the fused Triton kernels (kernels/field.py): X2GS_FIELD_KERNEL, default auto."""
+    return _use_kernel("X2GS_FIELD_KERNEL", "auto", "kernels.field")
 
 
 def _spatial_product(planes_xy_xz_yz: Sequence[jax.Array], g_xyz: jax.Array) -> jax.Array:
@@ -261,23 +256,10 @@ def _spatial_product(planes_xy_xz_yz: Sequence[jax.Array], g_xyz: jax.Array) -> 
 
 # ------------------------------------------------------------------------- time planes at one time
 def _triton_time_line() -> bool:
-    """The line gradient of `sample_time_plane` through the segmented Triton kernel (kernels/line.py), read at trace
-    time from X2GS_TIME_KERNEL: "xla" (the default) = the dense one-hot product (the CPU path and the kernel's pure
-    twin); "interpret" = the kernel on any backend (tests: Triton's interpreter on a CPU); "auto" = the kernel on a
-    GPU with jax_triton importable. The default stays "xla" until the kernel has been timed on a GPU (then: auto)."""
-    import os
-
-    mode = os.environ.get("X2GS_TIME_KERNEL", "xla")
-    if mode == "interpret":
-        return True
-    if mode != "auto" or jax.default_backend() != "gpu":
-        return False
-    try:
-        import kernels.line  # noqa: F401
-        import jax_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """The line gradient of `sample_time_plane` through the segmented Triton kernel (kernels/line.py):
+    X2GS_TIME_KERNEL, default xla (the dense one-hot product, the CPU path and the kernel's pure twin) until the
+    kernel has been timed on a GPU (then: auto)."""
+    return _use_kernel("X2GS_TIME_KERNEL", "xla", "kernels.line")
 
 
 def _time_rows(plane: jax.Array, g_t: jax.Array):
