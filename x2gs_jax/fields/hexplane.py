@@ -235,7 +235,8 @@ def _validated_sample(plane: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array
 
 
 def _triton_field() -> bool:
-    """A level's spatial product through the fused Triton kernels (kernels/field.py): X2GS_FIELD_KERNEL, default auto."""
+    """A level's spatial product through the fused Triton kernels (kernels/field.py): X2GS_FIELD_KERNEL, default
+    auto."""
     return _use_kernel("X2GS_FIELD_KERNEL", "auto", "kernels.field")
 
 
