@@ -13,7 +13,7 @@ Modes: "kernel" = X2GS_FIELD_KERNEL=auto (on a CPU: =interpret, the kernels in T
 test only), "xla" = X2GS_FIELD_KERNEL=xla (three `sample_plane`s per level; plane gradients through the Triton
 scatter on a GPU, as before this kernel). The variable is read at trace time: each mode gets its own jitted closures.
 --time-kernel xla|auto sets X2GS_TIME_KERNEL for the whole run (both modes): the time planes' line gradient as the
-dense one-hot product (xla, the default) or the segmented Triton kernel (auto; on a CPU: interpret, smoke test only).
+dense one-hot product (xla) or the segmented Triton kernel (auto, the default; on a CPU: interpret, smoke test only).
   python bench/field.py --gaussians 200000 --modes kernel --time-kernel xla      # vs --time-kernel auto
 
 Floor: bytes of the spatial tables read once (fwd), plus the spatial gradient tables written once (fwd+bwd), over
@@ -61,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="the :tiny config's field (CPU smoke test)")
     ap.add_argument("--modes", default="kernel,xla", help="comma list of kernel, xla")
-    ap.add_argument("--time-kernel", default="xla", choices=("xla", "auto"),
+    ap.add_argument("--time-kernel", default="auto", choices=("xla", "auto"),
                     help="X2GS_TIME_KERNEL for the run: time planes' line gradient by one-hot product or kernel")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
