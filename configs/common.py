@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scale_min = 0.0005
     c.model.scale_max = 0.5
     c.model.initial_capacity_factor = 1.25  # capacity = factor * initial points (grows by doubling)
+    # ... rounded up to a multiple of this: on a GPU, XLA pads the decoder's activations (rows = capacity x times)
+    # to a multiple of 1024 for its split-K weight-gradient GEMMs (H200 profile, 2026-12-03: every pad fusion of
+    # the fine step, ~0.75 ms/it at 200k); doubling keeps the multiple. 1 = no rounding.
+    c.model.capacity_multiple = 1024
     # When densification needs more slots than the buffers have, they grow (by doubling) to hold at least
     # headroom x the needed number: a burst of densification then costs one re-allocation and one
     # recompilation of the step instead of several (capped at densify.max_num_gaussians).

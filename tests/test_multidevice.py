@@ -46,6 +46,7 @@ RESUME_STEP = 3
 # at 2 (stage end), 3 and 6.
 COMMON = {"train.iterations": 6, "train.coarse_iterations": 2, "train.views_per_step": 4, "train.steps_per_call": 1,
           "densify.from_iter": 1, "densify.interval": 2, "densify.until_iter": 5, "model.initial_capacity_factor": 1.0,
+          "model.capacity_multiple": 1,
           "loss.periodic_start": 3, "checkpoint.every": 3, "eval.iterations": [6], "eval.max_val_views": 0,
           "log.every": 1}
 

@@ -295,7 +295,7 @@ def test_a_failed_background_checkpoint_stops_training_naming_the_step(tiny_stat
     ("train.iterations", -1), ("train.iterations", 0), ("train.coarse_iterations", -3),
     ("train.steps_per_call", 0), ("optim.lr.xyz.init", 0.0), ("optim.lr.density.final", -1e-3),
     ("optim.lr.scaling.max_steps", 0), ("data.init.n_points", 0), ("data.phantom.size", 0),
-    ("model.initial_capacity_factor", 0.5), ("densify.interval", 0), ("checkpoint.every", 0),
+    ("model.initial_capacity_factor", 0.5), ("model.capacity_multiple", 0), ("densify.interval", 0), ("checkpoint.every", 0),
     ("eval.iterations", (5, 30))])
 def test_config_values_that_cannot_work_are_refused_by_key(key, value):
     config = r2_static.get_config("tiny")  # 20 iterations

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import r2_static
+from configs import r2_static, x2_gaussian
 from x2gs_jax import train_lib
 from x2gs_jax.data.naf import load_case
 from x2gs_jax.train_step import make_train_step
@@ -335,6 +335,22 @@ def test_grown_capacity_headroom():
     assert train_lib.grown_capacity(600, 400, 1.5, 500) == 800
     with pytest.raises(ValueError, match="capacity_headroom"):
         train_lib.grown_capacity(85, 62, 0.5, 10_000)
+
+
+def test_initial_capacity_is_a_rounded_multiple_that_doubling_keeps():
+    from x2gs_jax.run_state import initial_capacity
+
+    assert initial_capacity(200_000, 1.25, 1024) == 250_880 == 245 * 1024  # not 250 000: no GEMM pad on a GPU
+    assert initial_capacity(50_000, 1.25, 1024) == 63_488
+    assert initial_capacity(50_000, 1.25, 1) == 62_500  # 1 = the reference's ceil(factor x points)
+    assert initial_capacity(1024, 1.0, 1024) == 1024  # already a multiple: unchanged
+    assert initial_capacity(1, 1.0, 1024) == 1024
+    cap = initial_capacity(50_000, 1.25, 1024)
+    for needed in (cap + 1, 3 * cap, 5 * cap + 7):
+        assert train_lib.grown_capacity(needed, cap, 1.5, 10 ** 7) % 1024 == 0
+    config = x2_gaussian.get_config()  # the default run's buffers: multiples of 1024 from the start
+    assert initial_capacity(config.data.init.n_points, config.model.initial_capacity_factor,
+                            config.model.capacity_multiple) % 1024 == 0
 
 
 def test_padded_scan_length():

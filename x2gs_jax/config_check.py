@@ -57,6 +57,7 @@ def check_config(config) -> None:
     need("model.initial_capacity_factor", lambda v: positive(v) and v >= 1, "must be >= 1 (the buffers hold the "
          "initial points)")
     need("model.capacity_headroom", lambda v: positive(v) and v >= 1, "must be >= 1")
+    need("model.capacity_multiple", int_at_least(1), "must be an integer >= 1 (1 = no rounding)")
     need("data.init.n_points", int_at_least(1), "must be an integer >= 1")
     need("loss.tv_vol_size", int_at_least(1), "must be an integer >= 1 (voxels per side of the TV patch)")
     d = config.densify

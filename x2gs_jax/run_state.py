@@ -28,11 +28,19 @@ def scale_bound_from_config(config, scanner) -> Optional[tuple]:
 
 
 # ------------------------------------------------------------------------------------ the state
+def initial_capacity(n_points: int, factor: float, multiple: int = 1) -> int:
+    """Slots of the first Gaussian buffers: factor x n_points rounded up to a multiple of `multiple` (growth by
+    doubling keeps it; config.model.capacity_multiple says why)."""
+    cap = int(np.ceil(int(n_points) * float(factor)))
+    m = max(int(multiple), 1)
+    return -(-cap // m) * m
+
+
 def init_state(config, case: Case, points: np.ndarray, model) -> TrainState:
     """The state before iteration 1: Gaussians from the points, the model's parameters (key fold 1) and state
     (key fold 2), fresh optimiser and statistics; every random choice from config.seed."""
     scale_bound = scale_bound_from_config(config, case.scanner)
-    capacity = int(np.ceil(len(points) * config.model.initial_capacity_factor))
+    capacity = initial_capacity(len(points), config.model.initial_capacity_factor, config.model.capacity_multiple)
     g = Gaussians.from_point_cloud(points, capacity=capacity, scale_bound=scale_bound)
     params = params_from_gaussians(g)
     key = jax.random.PRNGKey(config.seed)
