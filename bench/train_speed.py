@@ -40,7 +40,8 @@ from x2gs_jax.data.naf import load_case  # noqa: E402
 from x2gs_jax.train_step import make_multi_step, make_train_step  # noqa: E402
 
 
-def bench_config(model: str, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50):
+def bench_config(model: str, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
+                 capacity_multiple: int = 0):
     if model == "static":
         c = r2_static.get_config()
     else:
@@ -57,13 +58,15 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
     c.data.cache_dir = cache
     c.densify.enabled = False
     c.render.backend = backend
+    if capacity_multiple:  # 0: the config's (buffers of N x 1.25 slots rounded up to this multiple)
+        c.model.capacity_multiple = capacity_multiple
     return c
 
 
 def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
-          donate: bool = True, devices: int = 1):
+          donate: bool = True, devices: int = 1, capacity_multiple: int = 0):
     """(jitted multi-step, initial state, TrainData, config) of one benchmark case, on the first `devices` devices."""
-    config = bench_config(model, detector, cache, backend, size, per_call)
+    config = bench_config(model, detector, cache, backend, size, per_call, capacity_multiple)
     case_path = train_lib.resolve_case_path(config)
     case = load_case(case_path)
     from x2gs_jax.ct.init_pcd import init_points
@@ -97,8 +100,10 @@ def batches(data, state, first_it: int, k: int, views_per_step: int = 1):
 
 
 def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
-             per_call: int = 50, devices: int = 1, views_per_step: int = 1) -> dict:
-    multi, state, data, config = build(model, n, detector, cache, backend, size, per_call, devices=devices)
+             per_call: int = 50, devices: int = 1, views_per_step: int = 1, capacity_multiple: int = 0) -> dict:
+    multi, state, data, config = build(model, n, detector, cache, backend, size, per_call, devices=devices,
+                                       capacity_multiple=capacity_multiple)
+    capacity = int(state.capacity)
     k = int(config.train.steps_per_call)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
 
@@ -122,7 +127,8 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
     med = statistics.median(times)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    return {"model": model, "gaussians": n, "detector": detector, "backend": backend, "devices": devices,
+    return {"model": model, "gaussians": n, "capacity": capacity, "detector": detector, "backend": backend,
+            "devices": devices,
             "views_per_step": views_per_step,
             "iterations_per_call": k, "calls": repeats, "median_call_s": med, "it_per_s": k / med,
             "ms_per_it": 1e3 * med / k, "first_call_s": compile_s, "params": n_params, "final_loss": loss,
@@ -142,12 +148,14 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--devices", type=int, default=1, help="devices of the mesh (the first ones)")
     ap.add_argument("--views-per-step", type=int, default=1, help="global batch of views (a multiple of --devices)")
+    ap.add_argument("--capacity-multiple", type=int, default=0,
+                    help="model.capacity_multiple (0: the config's; 1: buffers of exactly 1.25 N slots, as before)")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     results = []
     for n in (int(v) for v in args.gaussians.split(",")):
         r = run_case(args.model, n, args.detector, args.cache, args.backend, args.repeats, args.size,
-                     args.steps_per_call, args.devices, args.views_per_step)
+                     args.steps_per_call, args.devices, args.views_per_step, args.capacity_multiple)
         print(json.dumps(r), flush=True)
         results.append(r)
         if args.json:  # after every case: a cut-off run keeps what it measured

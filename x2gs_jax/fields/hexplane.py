@@ -24,7 +24,7 @@ Triton kernel pair (kernels/field.py; `_triton_field`: X2GS_FIELD_KERNEL=xla sel
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -271,30 +271,43 @@ def _time_rows(plane: jax.Array, g_t: jax.Array):
     return r0, r1, j0, fj, dj
 
 
-@jax.custom_vjp
-def sample_time_plane(plane: jax.Array, u: jax.Array, g_t: jax.Array) -> jax.Array:
+def sample_time_plane(plane: jax.Array, u: jax.Array, g_t: jax.Array, perm: Optional[jax.Array] = None) -> jax.Array:
     """`sample_plane(plane, u, full(N, g_t))` for a time plane sampled at one time for every point.
 
     The same bilinear value (up to rounding: interpolated along time first), computed as a 1-D lookup in the
     time-interpolated row. Why: with one time for all N points, the plane gradient of the general path is
     N scatter-adds into the same two rows, serialised by atomic contention on the GPU (the training
-    step's bottleneck); here it is a dense, deterministic one-hot product [R_a, N] x [N, C] instead.
-    Args: plane [C, R_t, R_a]; u [N] column coordinates; g_t [] time coordinate (differentiable).
+    step's bottleneck); here it is a dense, deterministic one-hot product [R_a, N] x [N, C] instead (on a GPU:
+    the segmented kernel of `_triton_time_line`).
+    Args: plane [C, R_t, R_a]; u [N] column coordinates; g_t [] time coordinate (differentiable); perm: optional
+    [N] int32 `argsort(u)` for the kernel's backward (`time_sort`; computed there when None). The levels of one
+    axis share u, and XLA does not merge their identical sorts: `hexplane_features` sorts once per axis.
     """
-    return _time_fwd(plane, u, g_t)[0]
+    return _sample_time(plane, u, g_t, perm)
 
 
-def _time_fwd(plane, u, g_t):
+def time_sort(u: jax.Array) -> Optional[jax.Array]:
+    """The point order for the time planes' gradient kernel: argsort(u) [N] int32 where the kernel runs (the
+    backward's sort), else None (the one-hot product needs no order). One per axis, shared by the levels."""
+    return jnp.argsort(u).astype(jnp.int32) if _triton_time_line() else None
+
+
+@jax.custom_vjp
+def _sample_time(plane, u, g_t, perm):
+    return _time_fwd(plane, u, g_t, perm)[0]
+
+
+def _time_fwd(plane, u, g_t, perm):
     r0, r1, _, fj, _ = _time_rows(plane, g_t)
     line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
     i0, fi, _ = _axis_lookup(u, plane.shape[2])
     fi = fi[:, None]
     out = (1.0 - fi) * line.at[i0].get(mode="promise_in_bounds") + fi * line.at[i0 + 1].get(mode="promise_in_bounds")
-    return out, (plane, u, g_t)
+    return out, (plane, u, g_t, perm)
 
 
 def _time_bwd(res, g):
-    plane, u, g_t = res
+    plane, u, g_t, perm = res
     _, _, ra = plane.shape
     r0, r1, j0, fj, dj = _time_rows(plane, g_t)
     line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
@@ -305,10 +318,9 @@ def _time_bwd(res, g):
     if _triton_time_line():
         from kernels.line import line_gradient  # GPU: segmented sums over points sorted by column
 
-        # u is the same for every level of the plane and is not batched under the vmap over times: XLA computes
-        # this sort once per plane (the levels' identical sorts are merged), not once per level and time.
-        perm = jnp.argsort(u).astype(jnp.int32)
-        d_line = line_gradient(perm, i0, fi, g, ra)  # [R_a, C]
+        # u is not batched under the vmap over times: one sort per call, not per time (`time_sort`: per axis).
+        order = jnp.argsort(u).astype(jnp.int32) if perm is None else perm
+        d_line = line_gradient(order, i0, fi, g, ra)  # [R_a, C]
     else:
         cols = jnp.arange(ra, dtype=jnp.int32)[None, :]
         w = (jnp.where(cols == i0[:, None], (1.0 - fi)[:, None], 0.0)
@@ -322,18 +334,20 @@ def _time_bwd(res, g):
     d_plane = jnp.where(rows == j0, (1.0 - fj) * d_line.T[:, None, :],
                         jnp.where(rows == j0 + 1, fj * d_line.T[:, None, :], 0.0)).astype(plane.dtype)
     d_gt = jnp.sum((r1 - r0) * d_line.T) * dj
-    return d_plane, d_u.astype(u.dtype), d_gt.astype(g_t.dtype)
+    return d_plane, d_u.astype(u.dtype), d_gt.astype(g_t.dtype), None  # perm: integer, no cotangent
 
 
-sample_time_plane.defvjp(_time_fwd, _time_bwd)
+_sample_time.defvjp(_time_fwd, _time_bwd)
 
 
 # ------------------------------------------------------------------------------------ features
-def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array) -> jax.Array:
+def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array,
+                   perms: Optional[Sequence] = None) -> jax.Array:
     """Element-wise product of the 6 plane samples of one level: [N, C].
 
     g_xyz: [N, 3] spatial grid coordinates; g_t: [] one time coordinate shared by every point (the time planes
-    then take the contention-free `sample_time_plane` path) or [N] one per point (`grid_coords`).
+    then take the contention-free `sample_time_plane` path) or [N] one per point (`grid_coords`); perms: optional
+    (3,) `time_sort` of each axis' coordinate (entries may be None), shared by the levels.
     Computed as (spatial product) · (time product): `_spatial_product` picks the fused kernel or the pure path."""
     spatial = _spatial_product([planes[p] for p in SPATIAL_PLANES], g_xyz)
     temporal = None
@@ -342,7 +356,7 @@ def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array
         if jnp.ndim(g_t) == 0:
             if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
                 raise ValueError(f"sample_time_plane: plane must be [C, R_t>=2, R_a>=2], got {plane.shape}")
-            s = sample_time_plane(plane, g_xyz[:, a], g_t)
+            s = sample_time_plane(plane, g_xyz[:, a], g_t, None if perms is None else perms[a])
         else:
             s = _validated_sample(plane, g_xyz[:, a], g_t)
         temporal = s if temporal is None else temporal * s
@@ -364,8 +378,9 @@ def hexplane_features(grid_params: Sequence[Sequence[jax.Array]], xyz: jax.Array
     Under `jax.vmap` over t (xyz not mapped) the spatial samples are computed once for all times (`grid_coords`).
     """
     g_xyz, g_t = grid_coords(xyz, t, bounds, time_mapping)
+    perms = tuple(time_sort(g_xyz[:, a]) for a in range(3)) if jnp.ndim(g_t) == 0 else None
     fn = jax.checkpoint(level_features) if remat else level_features
-    return jnp.concatenate([fn(list(level), g_xyz, g_t) for level in _check_grid(grid_params)], axis=1)
+    return jnp.concatenate([fn(list(level), g_xyz, g_t, perms) for level in _check_grid(grid_params)], axis=1)
 
 
 # ------------------------------------------------------------------------------------ validation
