@@ -56,13 +56,16 @@ def _u(kind, rng, n, r):
 @pytest.mark.parametrize("kind,n,r,c", [
     ("random", 300, 16, 3), ("random", 517, 64, 8), ("one_column", 600, 64, 8), ("one_column", 257, 2, 3),
     ("spread", 300, 300, 3), ("spread", 77, 40, 8), ("last_node", 290, 5, 3), ("random", 1, 2, 8)])
-def test_line_gradient_equals_one_hot_product(kind, n, r, c):
+@pytest.mark.parametrize("variant", ["reduce", "dot"])
+def test_line_gradient_equals_one_hot_product(kind, n, r, c, variant, monkeypatch):
+    monkeypatch.setenv("X2GS_LINE_KERNEL", variant)
     rng = np.random.default_rng(n + r)
     u = _u(kind, rng, n, r)
     i0, fi = _lookup(u, r)
     if kind == "spread":
         first_chunk = np.sort(i0)[:line.CHUNK]
-        assert first_chunk[-1] - first_chunk[0] >= line.S  # the first chunk spans more columns than local rows
+        local_rows = line.DOT_S if variant == "dot" else line.S
+        assert first_chunk[-1] - first_chunk[0] >= local_rows  # the first chunk spans more columns than local rows
     if kind == "last_node":
         assert np.any((i0 == r - 2) & (fi == 1.0)) and np.any((i0 == 0) & (fi == 0.0))
     g = rng.normal(size=(n, c)).astype(np.float32)
@@ -90,6 +93,12 @@ def test_vmap_over_cotangents_and_zero_points():
     empty = line.line_gradient(jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32), jnp.zeros((0,)),
                                jnp.zeros((0, 5)), 7)
     assert empty.shape == (7, 5) and np.all(np.asarray(empty) == 0.0)
+
+
+def test_unknown_line_kernel_variant_is_refused(monkeypatch):
+    monkeypatch.setenv("X2GS_LINE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="X2GS_LINE_KERNEL='fast': expected reduce or dot"):
+        _kernel(np.zeros(3), np.zeros(3, np.int32), np.zeros(3, np.float32), np.ones((3, 2), np.float32), 4)
 
 
 def _time_grads(plane, u, g_t, cot, vmap_times):
@@ -161,8 +170,10 @@ def test_hexplane_features_sort_once_per_axis_and_match_one_hot(vmap_times, monk
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-def test_hexplane_features_time_kernel_equals_one_hot_gpu(monkeypatch):
+@pytest.mark.parametrize("variant", ["reduce", "dot"])
+def test_hexplane_features_time_kernel_equals_one_hot_gpu(variant, monkeypatch):
     """The default X2 field (64, 64, 64, 300) × (1, 2, 4, 8), C = 32, N = 200 000, one time: all gradients."""
+    monkeypatch.setenv("X2GS_LINE_KERNEL", variant)
     rng = np.random.default_rng()
     n = 200_000
     grid = hexplane.init_grid(jax.random.PRNGKey(int(rng.integers(1 << 30))), (64, 64, 64, 300), (1, 2, 4, 8), 32)
