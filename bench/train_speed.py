@@ -132,7 +132,8 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
             "views_per_step": views_per_step,
             "iterations_per_call": k, "calls": repeats, "median_call_s": med, "it_per_s": k / med,
             "ms_per_it": 1e3 * med / k, "first_call_s": compile_s, "params": n_params, "final_loss": loss,
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": dev.device_kind}
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device": dev.device_kind,
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("X2GS_") or k == "XLA_FLAGS"}}
 
 
 def main():
