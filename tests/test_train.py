@@ -337,6 +337,29 @@ def test_grown_capacity_headroom():
         train_lib.grown_capacity(85, 62, 0.5, 10_000)
 
 
+def test_setup_compiles_a_few_programs_not_one_per_array(tiny, caplog):
+    """The state, the optimiser state and the training cameras are built by a handful of compiled programs: eager
+    per-array operations (zeros, `.at[].set`, jnp.asarray of host arrays, one op per camera step) compiled ~80
+    programs before, ~0.1 s each on a GPU, a large part of a run's setup time."""
+    import logging
+
+    config, case, points, _ = tiny
+    model = train_lib.StaticModel()
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            state = train_lib.init_state(config, case, points, model)
+            state = state.replace(opt_state=train_lib.init_opt_state(
+                train_lib.build_optimizer(config, state.params, model), state.params))  # the stage switch's
+            train_lib.TrainData(case)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert len(compiled) <= 12, compiled
+    assert not [c for c in compiled if c in ("Compiling jit(broadcast_in_dim)", "Compiling jit(scatter)")], compiled
+
+
 def test_initial_capacity_is_a_rounded_multiple_that_doubling_keeps():
     from x2gs_jax.run_state import initial_capacity
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from x2gs_jax.gaussians import (Gaussians, inverse_scale_activation_jax, inverse_softplus_jax,
@@ -54,8 +55,8 @@ class DensifyStats:
 
     @classmethod
     def zeros(cls, capacity: int) -> "DensifyStats":
-        return cls(grad_accum=jnp.zeros((capacity,), jnp.float32), count=jnp.zeros((capacity,), jnp.int32),
-                   max_radii=jnp.zeros((capacity,), jnp.float32))
+        z = lambda dtype: jax.device_put(np.zeros((capacity,), dtype))  # noqa: E731  (a transfer, not a compile)
+        return cls(grad_accum=z(np.float32), count=z(np.int32), max_radii=z(np.float32))
 
     def mean_grad(self) -> jax.Array:
         """g = grad_accum / count [C]; 0 where count == 0 (the reference's NaN -> 0)."""

@@ -308,7 +308,7 @@ def cycle_metrics(run: Run, cycles: Sequence[int], chunk: int = 8, progress: boo
 def render_val(run: Run, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(rendered, GT) of the first n val views, both scene-scaled [n, H, W]."""
     sc = run.case.scanner
-    cams = jax.vmap(sc.camera)(jnp.asarray(run.case.val.angles[:n], jnp.float32))
+    cams = jax.jit(jax.vmap(sc.camera))(jnp.asarray(run.case.val.angles[:n], jnp.float32))
     vt = run.case.val.times[:n] if run.case.val.times is not None else np.zeros(n)
     pred = E.render_views(run.gaussians_at, cams, vt, backend=run.config.render.backend,
                           params=run.query_params)

@@ -40,15 +40,15 @@ from x2gs_jax.models import ConfigError, make_model
 from x2gs_jax.models.static import StaticModel
 from x2gs_jax.run_dir import move_aside, plan_run_dir
 from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
-from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_state,
+from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_opt_state, init_state,
                                 scale_bound_from_config, template_state)
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, call_length, is_densify_iteration,
                                  make_multi_step, make_train_step)
 
 __all__ = ["NonFiniteError", "StaticModel", "TrainData", "build_optimizer", "check_iteration", "chunk_end",
-           "densify_step", "evaluate", "grow_state", "grown_capacity", "grown_pair_capacity", "init_state",
-           "initial_points", "make_model", "resolve_case_path", "step_settings", "template_state",
+           "densify_step", "evaluate", "grow_state", "grown_capacity", "grown_pair_capacity", "init_opt_state",
+           "init_state", "initial_points", "make_model", "resolve_case_path", "step_settings", "template_state",
            "train_and_evaluate", "view_index"]
 
 
@@ -78,7 +78,8 @@ class TrainData:
         self.scanner = sc
         self.n_train = len(case.train)
         self.images = jnp.asarray(case.train.projections * sc.scene_scale, jnp.float32)
-        self.cameras = jax.vmap(sc.camera)(jnp.asarray(case.train.angles, jnp.float32))
+        # One compiled program (eagerly, each op of the camera construction compiled its own).
+        self.cameras = jax.jit(jax.vmap(sc.camera))(jnp.asarray(case.train.angles, jnp.float32))
         times = case.train.times if case.train.times is not None else np.zeros(self.n_train)
         self.times = jnp.asarray(times, jnp.float32)
         self._par = par
@@ -149,7 +150,7 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache
     report = E.volume_report(case.volumes, vols if case.is_4d else vols[0])
     n_val = min(len(case.val), config.eval.max_val_views)
     if n_val > 0:
-        cams = jax.vmap(sc.camera)(jnp.asarray(case.val.angles[:n_val], jnp.float32))
+        cams = jax.jit(jax.vmap(sc.camera))(jnp.asarray(case.val.angles[:n_val], jnp.float32))
         vt = case.val.times[:n_val] if case.val.times is not None else np.zeros(n_val)
         pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend, params=inputs,
                               jit_cache=stage_cache)
@@ -248,7 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage = "coarse" if it0 <= coarse_end else "fine"
             if stage == "fine" and it0 == coarse_end + 1:
                 # Stage switch (x2gaussian.md §9): fresh optimiser and accumulators, global LR schedule kept.
-                state = state.replace(opt_state=build_optimizer(config, state.params, model).init(state.params),
+                state = state.replace(opt_state=init_opt_state(build_optimizer(config, state.params, model),
+                                                               state.params),
                                       stats=DensifyStats.zeros(state.capacity))
             stage_start = 1 if stage == "coarse" else coarse_end + 1
             stage_end = coarse_end if stage == "coarse" else total
