@@ -360,6 +360,30 @@ def test_setup_compiles_a_few_programs_not_one_per_array(tiny, caplog):
     assert not [c for c in compiled if c in ("Compiling jit(broadcast_in_dim)", "Compiling jit(scatter)")], compiled
 
 
+def test_growing_the_buffers_compiles_one_program(tiny, caplog):
+    """grow_state pads every per-Gaussian leaf (parameters, Adam moments, statistics) in one compiled program, not
+    one per leaf shape, and keeps every value."""
+    import logging
+
+    config, case, points, _ = tiny
+    model = train_lib.StaticModel()
+    state = train_lib.init_state(config, case, points, model)
+    new = 2 * state.capacity + 7
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            grown = train_lib.grow_state(state, new, model)
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert len(compiled) <= 1, compiled
+    assert grown.capacity == new
+    for k in ("xyz", "scaling", "rotation", "density"):
+        np.testing.assert_array_equal(np.asarray(grown.params[k])[:state.capacity], np.asarray(state.params[k]))
+    assert not np.any(np.asarray(grown.active)[state.capacity:])
+
+
 def test_initial_capacity_is_a_rounded_multiple_that_doubling_keeps():
     from x2gs_jax.run_state import initial_capacity
 
