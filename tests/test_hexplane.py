@@ -319,10 +319,26 @@ def test_times_batched_by_vmap_share_the_spatial_samples_and_their_gradient():
     gl = jax.grad(loss_loop, argnums=(0, 1))(grid, xyz)
     for a, b in zip(jax.tree.leaves(gv), jax.tree.leaves(gl)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
-    # Structure: 2 levels x 6 planes sampled; the 2 x 3 spatial ones without the time axis, once each.
+    # Structure: per level the 3 spatial planes sampled without the time axis, once each, and one time-batched
+    # product of the 3 time planes' samples with the spatial product (`_times_temporal`).
     jaxpr = jax.make_jaxpr(lambda g: jax.vmap(lambda t: hexplane.hexplane_features(g, xyz, t))(ts))(grid)
     shapes = [tuple(e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("custom_vjp")]
-    assert sorted(shapes) == sorted([(30, 3)] * 6 + [(3, 30, 3)] * 6), shapes
+    assert sorted(shapes) == sorted([(30, 3)] * 6 + [(3, 30, 3)] * 2), shapes
+
+
+def test_time_product_keeps_no_per_time_samples_for_the_backward(capsys):
+    """Under jax.vmap over times the backward needs no [T, N, C] array saved from the forward: the time samples are
+    re-sampled from the small lines (autodiff kept ~5 of them per level); values and gradients as the loop above."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    grid = random_grid(15)
+    xyz = jnp.asarray(np.random.default_rng(16).uniform(-1.5, 1.5, (40, 3)), jnp.float32)
+    ts = jnp.asarray([0.2, 0.7], jnp.float32)
+    capsys.readouterr()
+    print_saved_residuals(lambda g: jax.vmap(lambda t: hexplane.hexplane_features(g, xyz, t))(ts), grid)
+    saved = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert any(s.startswith("f32[40,") for s in saved), saved  # the shared spatial products (a sanity check)
+    assert [s for s in saved if s.startswith("f32[2,40,")] == [], saved
 
 
 def test_time_plane_gradient_under_vmap_builds_no_plane_per_time():

@@ -340,6 +340,47 @@ def _time_bwd(res, g):
 _sample_time.defvjp(_time_fwd, _time_bwd)
 
 
+@jax.custom_vjp
+def _times_temporal(spatial, planes3, us, g_t, perms):
+    """spatial [N, C] · s_0 · s_1 · s_2, s_a = `sample_time_plane(planes3[a], us[a], g_t)`: a level's feature when
+    every point has the same time. Custom VJP: the residuals are the inputs (`spatial` and the coordinates), not
+    the three time samples and their partial products — those are re-sampled in the backward from the small
+    time-interpolated lines. Why: autodiff kept ~5 [N, C] arrays per level and time (20 x [2, N, C] for the periodic
+    render's two times at the default field: ~1.3 GB written and re-read per step at 250k points), and under the
+    model's `lax.cond` the single-time branch's residuals were written as zeros by the two-time one."""
+    return _times_temporal_fwd(spatial, planes3, us, g_t, perms)[0]
+
+
+def _time_samples(planes3, us, g_t):
+    return [_time_fwd(plane, u, g_t, None)[0] for plane, u in zip(planes3, us)]
+
+
+def _times_temporal_fwd(spatial, planes3, us, g_t, perms):
+    s0, s1, s2 = _time_samples(planes3, us, g_t)
+    return spatial * (s0 * s1 * s2), (spatial, planes3, us, g_t, perms)
+
+
+def _times_temporal_bwd(res, g):
+    spatial, planes3, us, g_t, perms = res
+    s0, s1, s2 = _time_samples(planes3, us, g_t)
+    # The products in the order autodiff of spatial * ((s0 * s1) * s2) uses (the same values as before).
+    d_spatial = g * (s0 * s1 * s2)
+    gs = g * spatial
+    t2 = gs * s2
+    cots = (t2 * s1, t2 * s0, gs * (s0 * s1))
+    d_planes, d_us, d_gt = [], [], jnp.zeros_like(g_t)
+    for a in range(3):
+        perm = None if perms is None else perms[a]
+        dp, du, dg, _ = _time_bwd((planes3[a], us[a], g_t, perm), cots[a])
+        d_planes.append(dp)
+        d_us.append(du)
+        d_gt = d_gt + dg
+    return d_spatial, tuple(d_planes), tuple(d_us), d_gt, None if perms is None else tuple(None for _ in perms)
+
+
+_times_temporal.defvjp(_times_temporal_fwd, _times_temporal_bwd)
+
+
 # ------------------------------------------------------------------------------------ features
 def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array,
                    perms: Optional[Sequence] = None) -> jax.Array:
@@ -350,15 +391,16 @@ def level_features(planes: Sequence[jax.Array], g_xyz: jax.Array, g_t: jax.Array
     (3,) `time_sort` of each axis' coordinate (entries may be None), shared by the levels.
     Computed as (spatial product) · (time product): `_spatial_product` picks the fused kernel or the pure path."""
     spatial = _spatial_product([planes[p] for p in SPATIAL_PLANES], g_xyz)
-    temporal = None
-    for p in TIME_PLANES:
-        plane, (a, _) = planes[p], PLANE_PAIRS[p]
-        if jnp.ndim(g_t) == 0:
+    if jnp.ndim(g_t) == 0:
+        planes3 = tuple(planes[p] for p in TIME_PLANES)
+        for plane in planes3:
             if plane.ndim != 3 or plane.shape[1] < 2 or plane.shape[2] < 2:
                 raise ValueError(f"sample_time_plane: plane must be [C, R_t>=2, R_a>=2], got {plane.shape}")
-            s = sample_time_plane(plane, g_xyz[:, a], g_t, None if perms is None else perms[a])
-        else:
-            s = _validated_sample(plane, g_xyz[:, a], g_t)
+        us = tuple(g_xyz[:, PLANE_PAIRS[p][0]] for p in TIME_PLANES)
+        return _times_temporal(spatial, planes3, us, g_t, None if perms is None else tuple(perms))
+    temporal = None
+    for p in TIME_PLANES:
+        s = _validated_sample(planes[p], g_xyz[:, PLANE_PAIRS[p][0]], g_t)
         temporal = s if temporal is None else temporal * s
     return spatial * temporal
 
