@@ -59,17 +59,15 @@ def line_gradient(perm: jax.Array, i0: jax.Array, fi: jax.Array, g: jax.Array, n
     if variant not in ("reduce", "dot"):
         raise ValueError(f"X2GS_LINE_KERNEL={variant!r}: expected reduce or dot")
 
+    dot = variant == "dot"
+    sizes = dict(CP=max(16, _pow2(c)), S=DOT_S) if dot else dict(CP=_pow2(c), S=S)
+
     def run(perm, i0, fi, g):
         b = g.shape[0]
-        grid, out = (-(-n // CHUNK), b), [jax.ShapeDtypeStruct((b, n_cols, c), jnp.float32)]
-        if variant == "dot":
-            (res,) = launch(lk.line_grad_dot_kernel, grid, out, perm, i0, fi, g, scalars=(n, n_cols), zeroed=(0,),
-                            num_warps=NUM_WARPS, C=c, CP=max(16, _pow2(c)), CHUNK=CHUNK, SUB=SUB, S=DOT_S,
-                            PREC="tf32x3" if on_gpu() else "ieee")
-            return res
-        (res,) = launch(lk.line_grad_kernel, grid, out, perm, i0, fi, g, scalars=(n, n_cols), zeroed=(0,),
-                        num_warps=NUM_WARPS, C=c, CP=_pow2(c), CHUNK=CHUNK, SUB=SUB, S=S)
-        return res
+        (out,) = launch(lk.line_grad_kernel, (-(-n // CHUNK), b), [jax.ShapeDtypeStruct((b, n_cols, c), jnp.float32)],
+                        perm, i0, fi, g, scalars=(n, n_cols), zeroed=(0,), num_warps=NUM_WARPS, C=c, CHUNK=CHUNK,
+                        SUB=SUB, DOT=dot, PREC="tf32x3" if on_gpu() else "ieee", **sizes)
+        return out
 
     return merge_batch(run)(perm.astype(jnp.int32)[None], i0.astype(jnp.int32)[None], fi.astype(jnp.float32)[None],
                             g.astype(jnp.float32)[None])[0]

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_walk import all_eqns
 from x2gs_jax import losses
 from x2gs_jax.fields import hexplane
 from x2gs_jax.fields.deformation import DeformationConfig, init_deformation_params, num_deformation_params
@@ -105,16 +106,8 @@ def test_sample_plane_gradients_vs_finite_differences_and_clamp():
 
 def _max_intermediate_size(jaxpr) -> int:
     """Largest array produced by any equation of a jaxpr, including nested jaxprs."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    best = max(best, _max_intermediate_size(inner))
-    return best
+    return max((int(np.prod(getattr(var.aval, "shape", ()))) for eqn in all_eqns(jaxpr) for var in eqn.outvars),
+               default=0)
 
 
 @pytest.mark.parametrize("g_t", [-1.3, -0.37, 0.0, 0.5, 1.0, 1.4])
@@ -352,16 +345,7 @@ def test_time_plane_gradient_under_vmap_builds_no_plane_per_time():
     def loss(g):
         return jnp.sum(jax.vmap(lambda t: hexplane.hexplane_features(g, xyz, t, time_mapping="full"))(ts) ** 2)
 
-    def eqns(jaxpr):
-        for e in jaxpr.eqns:
-            yield e
-            for p in e.params.values():
-                for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from eqns(inner)
-
     planes = {tuple(p.shape) for level in grid for p in (level[i] for i in hexplane.TIME_PLANES)}
-    scatters = [tuple(e.outvars[0].aval.shape) for e in eqns(jax.make_jaxpr(jax.grad(loss))(grid).jaxpr)
+    scatters = [tuple(e.outvars[0].aval.shape) for e in all_eqns(jax.make_jaxpr(jax.grad(loss))(grid).jaxpr)
                 if e.primitive.name.startswith("scatter") and tuple(e.outvars[0].aval.shape)[-3:] in planes]
     assert scatters == [], scatters

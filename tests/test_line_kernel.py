@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpr_walk import all_eqns
 from kernels import line
 from x2gs_jax.fields import hexplane
 
@@ -130,16 +131,6 @@ def test_sample_time_plane_gradients_kernel_equal_default(vmap_times, monkeypatc
         _close(a, b)
 
 
-def _eqns(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            for sub in (p if isinstance(p, (list, tuple)) else [p]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _eqns(inner)
-
-
 @pytest.mark.parametrize("vmap_times", [False, True])
 def test_hexplane_features_sort_once_per_axis_and_match_one_hot(vmap_times, monkeypatch):
     """Through the whole field (2 levels, kernel forced): one argsort per spatial axis, shared by the levels (XLA
@@ -160,7 +151,7 @@ def test_hexplane_features_sort_once_per_axis_and_match_one_hot(vmap_times, monk
     for mode in ("interpret", "xla"):
         monkeypatch.setenv("X2GS_TIME_KERNEL", mode)  # read at trace time
         grad = jax.grad(loss, argnums=(0, 1, 2))
-        sorts = [e for e in _eqns(jax.make_jaxpr(grad)(grid, xyz, t).jaxpr) if e.primitive.name == "sort"]
+        sorts = [e for e in all_eqns(jax.make_jaxpr(grad)(grid, xyz, t).jaxpr) if e.primitive.name == "sort"]
         assert len(sorts) == (3 if mode == "interpret" else 0), (mode, len(sorts))
         out[mode] = grad(grid, xyz, t)
     for a, b in zip(jax.tree_util.tree_leaves(out["interpret"]), jax.tree_util.tree_leaves(out["xla"])):
