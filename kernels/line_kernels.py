@@ -74,4 +74,3 @@ def line_grad_kernel(perm_ptr, i0_ptr, fi_ptr, g_ptr, N, R, out_ptr, C: tl.const
     dest = c0 + rows
     keep = (rows <= hi) & (dest < R)
     tl.atomic_add(ob + dest[:, None] * C + cols[None, :], acc, mask=keep[:, None] & cok[None, :], sem="relaxed")
-

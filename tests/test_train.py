@@ -337,25 +337,34 @@ def test_grown_capacity_headroom():
         train_lib.grown_capacity(85, 62, 0.5, 10_000)
 
 
-def test_setup_compiles_a_few_programs_not_one_per_array(tiny, caplog):
-    """The state, the optimiser state and the training cameras are built by a handful of compiled programs: eager
-    per-array operations (zeros, `.at[].set`, jnp.asarray of host arrays, one op per camera step) compiled ~80
-    programs before, ~0.1 s each on a GPU, a large part of a run's setup time."""
+def _compiled_programs(caplog, fn):
+    """(fn(), the names of the programs JAX compiled while it ran) from JAX's compile log."""
     import logging
 
-    config, case, points, _ = tiny
-    model = train_lib.StaticModel()
     previous = jax.config.jax_log_compiles
     jax.config.update("jax_log_compiles", True)
     try:
         with caplog.at_level(logging.WARNING):
-            state = train_lib.init_state(config, case, points, model)
-            state = state.replace(opt_state=train_lib.init_opt_state(
-                train_lib.build_optimizer(config, state.params, model), state.params))  # the stage switch's
-            train_lib.TrainData(case)
+            out = fn()
     finally:
         jax.config.update("jax_log_compiles", previous)
-    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    return out, [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+
+
+def test_setup_compiles_a_few_programs_not_one_per_array(tiny, caplog):
+    """The state, the optimiser state and the training cameras are built by a handful of compiled programs: eager
+    per-array operations (zeros, `.at[].set`, jnp.asarray of host arrays, one op per camera step) compiled 81
+    programs in a `:ref64` setup before (12 now), each a compilation of its own on the device."""
+    config, case, points, _ = tiny
+    model = train_lib.StaticModel()
+
+    def setup():
+        state = train_lib.init_state(config, case, points, model)
+        state = state.replace(opt_state=train_lib.init_opt_state(
+            train_lib.build_optimizer(config, state.params, model), state.params))  # the stage switch's
+        return train_lib.TrainData(case)
+
+    _, compiled = _compiled_programs(caplog, setup)
     assert len(compiled) <= 12, compiled
     assert not [c for c in compiled if c in ("Compiling jit(broadcast_in_dim)", "Compiling jit(scatter)")], compiled
 
@@ -363,20 +372,11 @@ def test_setup_compiles_a_few_programs_not_one_per_array(tiny, caplog):
 def test_growing_the_buffers_compiles_one_program(tiny, caplog):
     """grow_state pads every per-Gaussian leaf (parameters, Adam moments, statistics) in one compiled program, not
     one per leaf shape, and keeps every value."""
-    import logging
-
     config, case, points, _ = tiny
     model = train_lib.StaticModel()
     state = train_lib.init_state(config, case, points, model)
     new = 2 * state.capacity + 7
-    previous = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING):
-            grown = train_lib.grow_state(state, new, model)
-    finally:
-        jax.config.update("jax_log_compiles", previous)
-    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    grown, compiled = _compiled_programs(caplog, lambda: train_lib.grow_state(state, new, model))
     assert len(compiled) <= 1, compiled
     assert grown.capacity == new
     for k in ("xyz", "scaling", "rotation", "density"):

@@ -30,7 +30,7 @@ def scale_bound_from_config(config, scanner) -> Optional[tuple]:
 # ------------------------------------------------------------------------------------ the state
 def init_opt_state(optimizer, params):
     """optimizer.init(params) as one compiled program: eagerly, every zeros_like of a new shape compiled its own
-    (dozens of small compiles in a run's setup and again at the fine stage's switch; ~0.1 s each on a GPU)."""
+    (dozens of small compiles in a run's setup and again at the fine stage's switch)."""
     return jax.jit(optimizer.init)(params)
 
 
@@ -81,7 +81,7 @@ def with_per_gaussian_opt_rows(opt_state, rows):
     return type(opt_state)(inner)
 
 
-# One compiled program per growth (eagerly, every leaf's pad compiled its own, ~0.1 s each on a GPU).
+# One compiled program per growth (eagerly, every leaf's pad compiled its own).
 _grow_jit = jax.jit(grow, static_argnums=(1, 2))
 
 
