@@ -64,7 +64,7 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
 
 
 def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
-          donate: bool = True, devices: int = 1, capacity_multiple: int = 0):
+          donate: bool = True, devices: int = 1, capacity_multiple: int = 0, static_phases: bool = False):
     """(jitted multi-step, initial state, TrainData, config) of one benchmark case, on the first `devices` devices."""
     config = bench_config(model, detector, cache, backend, size, per_call, capacity_multiple)
     case_path = train_lib.resolve_case_path(config)
@@ -83,7 +83,9 @@ def build(model: str, n: int, detector: int, cache: str, backend: str, size: int
     data = train_lib.TrainData(case, par)
     stage = "coarse" if model == "static" else "fine"
     max_pairs = train_lib.grown_pair_capacity(par.local(state), data, None)
-    settings = train_lib.step_settings(config, case.scanner, stage, max_pairs)
+    # --static-phases: the step of the timed iterations' phase (train.static_phases), not the in-step lax.cond.
+    phase = dyn.phase(per_call + 1, stage) if static_phases else None
+    settings = train_lib.step_settings(config, case.scanner, stage, max_pairs, phase=phase)
     opt = train_lib.build_optimizer(config, state.params, dyn)
     step = make_train_step(dyn, settings, opt, axis_name=parallel.AXIS)
     multi = jax.jit(par.shard(make_multi_step(step)), donate_argnums=0 if donate else ())
@@ -100,9 +102,10 @@ def batches(data, state, first_it: int, k: int, views_per_step: int = 1):
 
 
 def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
-             per_call: int = 50, devices: int = 1, views_per_step: int = 1, capacity_multiple: int = 0) -> dict:
+             per_call: int = 50, devices: int = 1, views_per_step: int = 1, capacity_multiple: int = 0,
+             static_phases: bool = False) -> dict:
     multi, state, data, config = build(model, n, detector, cache, backend, size, per_call, devices=devices,
-                                       capacity_multiple=capacity_multiple)
+                                       capacity_multiple=capacity_multiple, static_phases=static_phases)
     capacity = int(state.capacity)
     k = int(config.train.steps_per_call)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -127,7 +130,8 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
     med = statistics.median(times)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    return {"model": model, "gaussians": n, "capacity": capacity, "detector": detector, "backend": backend,
+    return {"model": model, "gaussians": n, "capacity": capacity, "static_phases": static_phases,
+            "detector": detector, "backend": backend,
             "devices": devices,
             "views_per_step": views_per_step,
             "iterations_per_call": k, "calls": repeats, "median_call_s": med, "it_per_s": k / med,
@@ -151,12 +155,15 @@ def main():
     ap.add_argument("--views-per-step", type=int, default=1, help="global batch of views (a multiple of --devices)")
     ap.add_argument("--capacity-multiple", type=int, default=0,
                     help="model.capacity_multiple (0: the config's; 1: buffers of exactly 1.25 N slots, as before)")
+    ap.add_argument("--static-phases", action="store_true",
+                    help="the step function of the timed phase (train.static_phases) instead of the in-step cond")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     results = []
     for n in (int(v) for v in args.gaussians.split(",")):
         r = run_case(args.model, n, args.detector, args.cache, args.backend, args.repeats, args.size,
-                     args.steps_per_call, args.devices, args.views_per_step, args.capacity_multiple)
+                     args.steps_per_call, args.devices, args.views_per_step, args.capacity_multiple,
+                     args.static_phases)
         print(json.dumps(r), flush=True)
         results.append(r)
         if args.json:  # after every case: a cut-off run keeps what it measured

@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     # stage's full-length function padded with masked iterations instead of compiling its own (train_step.call_length):
     # right where a compilation costs seconds and an iteration milliseconds (GPUs); the CPU variants turn it off.
     c.train.pad_short_calls = True
+    # One step function per phase of a stage (`DeformationModel.phase`; X2: before / after the periodic render
+    # starts) instead of a `lax.cond` inside the differentiated step: no zero-filled residuals of the branch not
+    # taken, at the cost of one more compilation. Off until measured on a GPU (BENCHMARKS.md, Training, item 6).
+    c.train.static_phases = False
 
     c.loss = ml_collections.ConfigDict(dict(
         lambda_dssim=0.25, lambda_tv=0.05, tv_vol_size=32,

@@ -77,3 +77,59 @@ def test_joint_deformation_matches_separate_deformations(it):
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_j)[0], jax.tree.leaves(g_s)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("it", [3, 9])  # before / after periodic_start = 5
+def test_static_phase_equals_the_cond(it):
+    """train.static_phases: the step of the iteration's phase (`X2Model.phase`, Python branches) gives the losses
+    and gradients of the `lax.cond` form."""
+    model, params, active, batch = _setup(seed=4)
+
+    class Static(_Settings):
+        phase = model.phase(it, "fine")
+
+    assert Static.phase == int(it > 5) and model.phase(it, "coarse") is None
+    grad = lambda settings: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda p: _loss_with(model, p, active, batch, jnp.int32(it), settings), has_aux=True))(params)
+    (l_c, t_c), g_c = grad(_Settings)
+    (l_s, t_s), g_s = grad(Static)
+    np.testing.assert_allclose(float(l_s), float(l_c), rtol=1e-6)
+    for k in t_c:
+        np.testing.assert_allclose(np.asarray(t_s[k]), np.asarray(t_c[k]), rtol=1e-6, atol=1e-9, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_s)[0], jax.tree.leaves(g_c)):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-12
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
+def _loss_with(model, params, active, batch, it, settings):
+    canonical = gaussians_from_params(params, active, None)
+    key = jax.random.PRNGKey(3)
+    deformed, cache = model.view_gaussians(params, {}, canonical, batch["time"], key, it, settings)
+    main = jnp.mean(jax.vmap(lambda g, c, im: jnp.mean(jnp.abs(_render(g, c) - im)))(
+        deformed, batch["camera"], batch["image"]))
+    extra, terms = model.extra_losses(params, {}, active, batch, key, it, settings, _render, cache)
+    return main + extra, terms
+
+
+def test_static_phases_compile_one_step_per_phase_and_split_calls(tmp_path):
+    """The loop with train.static_phases: one fine-stage step function per phase, and no call spans the switch."""
+    import json
+
+    from configs import x2_gaussian
+    from x2gs_jax import train_lib
+
+    config = x2_gaussian.get_config("tiny")
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.train.iterations = 6
+    config.train.coarse_iterations = 2
+    config.loss.periodic_start = 3
+    config.train.static_phases = True
+    config.densify.enabled = False
+    config.eval.iterations = (6,)
+    config.checkpoint.every = 6
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    compiles = [(r["step"], r["fine_stage"], r["phase"]) for r in records if r["kind"] == "compile"]
+    assert compiles == [(1, 0.0, -1.0), (3, 1.0, 0.0), (4, 1.0, 1.0)], compiles
+    steps = sorted(r["step"] for r in records if r["kind"] == "train")
+    assert steps == [1, 2, 3, 4, 5, 6], steps

@@ -110,9 +110,11 @@ def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[
     return max(needed, 2 * current) if current else needed
 
 
-def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[int] = None) -> StepSettings:
+def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[int] = None,
+                  phase: Optional[int] = None) -> StepSettings:
     """The static settings of a stage's step function; stage_end: its last iteration (default from the config:
-    coarse_iterations or iterations; the loop passes `iterations` for the one stage of a static model)."""
+    coarse_iterations or iterations; the loop passes `iterations` for the one stage of a static model); phase: the
+    model's static phase (train.static_phases) or None."""
     lo, hi = scanner.bbox
     d = config.densify
     if stage_end is None:
@@ -124,7 +126,7 @@ def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[in
         tv_culling=config.loss.tv_culling, tv_mean_grad=config.loss.tv_mean_grad,
         bbox_min=tuple(float(x) for x in lo), bbox_max=tuple(float(x) for x in hi),
         densify_interval=d.interval, densify_from=d.from_iter, densify_until=d.until_iter,
-        densify_enabled=bool(d.enabled), scale_bound=scale_bound_from_config(config, scanner))
+        densify_enabled=bool(d.enabled), scale_bound=scale_bound_from_config(config, scanner), phase=phase)
 
 
 def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache: Optional[dict] = None) -> dict:
@@ -255,14 +257,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             stage_start = 1 if stage == "coarse" else coarse_end + 1
             stage_end = coarse_end if stage == "coarse" else total
             end = chunk_end(it0, config, total, coarse_end)
+            phase = model.phase(it0, stage) if config.train.get("static_phases", False) else None
+            if phase is not None:  # a call runs one phase: end it before the phase changes
+                end = next((i - 1 for i in range(it0 + 1, end + 1) if model.phase(i, stage) != phase), end)
             its = np.arange(it0, end + 1)
             # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
             # every chunk of a stage, capacity and pair buffer (short calls inside a stage included).
             n_scan = call_length(len(its), stage_end - it0 + 1, config.train.steps_per_call,
-                                 [k[3] for k in steps if k[:3] == (stage, state.capacity, max_pairs)],
+                                 [k[4] for k in steps if k[:4] == (stage, state.capacity, max_pairs, phase)],
                                  bool(config.train.get("pad_short_calls", True)))
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
-            fn_key = (stage, state.capacity, max_pairs, n_scan)
+            fn_key = (stage, state.capacity, max_pairs, phase, n_scan)
             B = int(config.train.views_per_step)  # the global batch: view j of iteration it, split over the mesh
             views = np.array([[view_index((it - 1) * B + j + 1, stage_start, data.n_train, config.seed)
                                for j in range(B)] for it in its_padded])
@@ -274,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
                 # compiled here, by jax-triton) and XLA's compilation.
                 t_start = time.perf_counter()
-                settings = step_settings(config, sc, stage, max_pairs, stage_end)
+                settings = step_settings(config, sc, stage, max_pairs, stage_end, phase)
                 opt = build_optimizer(config, state.params, model)
                 multi = make_multi_step(make_train_step(model, settings, opt, axis_name=parallel.AXIS))
                 lowered = jax.jit(par.shard(multi), donate_argnums=0).lower(*args)
@@ -282,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 steps[fn_key] = lowered.compile()
                 t_compiled = timer.since("xla_compile", t_lowered)
                 # One `compile` record per step function: which stage, capacity and pair buffer cost how much.
-                logger.write(it0, {"fine_stage": stage == "fine", "capacity": state.capacity,
+                logger.write(it0, {"fine_stage": stage == "fine", "phase": -1 if phase is None else phase,
+                                   "capacity": state.capacity,
                                    "max_pairs": max_pairs or 0, "scan_length": n_scan, "devices": par.n_devices,
                                    "trace_and_lower_s": t_lowered - t_start,
                                    "xla_compile_s": t_compiled - t_lowered}, prefix="compile")

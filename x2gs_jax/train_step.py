@@ -57,6 +57,7 @@ class StepSettings:
     densify_until: int
     densify_enabled: bool = True
     scale_bound: Optional[tuple] = None  # (s_min, s_max) world units, or None for exp scales
+    phase: Optional[int] = None  # the model's static phase (`DeformationModel.phase`, train.static_phases) or None
 
 
 def is_densify_iteration(it, s: StepSettings):

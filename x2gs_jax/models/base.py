@@ -19,7 +19,7 @@ Shapes: C = Gaussian capacity, V = views per step. Times are normalised (seconds
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import chex
 import jax
@@ -56,6 +56,13 @@ class DeformationModel(abc.ABC):
     def rebind(self, model_state: dict, gaussians: Gaussians) -> dict:
         """The state after densify/prune/grow changed the Gaussian buffers (capacity C may have changed)."""
         return model_state
+
+    def phase(self, it: int, stage: str) -> Optional[int]:
+        """The static phase of `stage` at iteration `it` (Python int), for `train.static_phases`: the loop then
+        compiles one step function per phase, passes it as `StepSettings.phase` and ends a call where the phase
+        changes, so the hooks can branch in Python instead of differentiating a `lax.cond` (whose taken branch
+        writes zeros for the other branch's residuals). None: the model has no phases (the default)."""
+        return None
 
     def group_specs(self) -> dict:
         """{optimiser group: optim.GroupSpec} whose learning rate the model's own settings decide (they replace

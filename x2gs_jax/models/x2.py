@@ -74,6 +74,10 @@ class X2Model(DeformationModel):
         """The periodic-consistency shift t -> t + kT of each view's time ([V])."""
         return shifted_time(times, params["period"], self.s.scan_s, self.s.shift_cycles)
 
+    def phase(self, it: int, stage: str):
+        """Fine stage: 0 before the periodic-consistency render starts, 1 from `periodic_start + 1`."""
+        return int(it > self.s.periodic_start) if stage == "fine" else None
+
     # -- the Gaussians of a batch of training views
     def view_gaussians(self, params, model_state, canonical, times, key, it, settings):
         """(deformed Gaussians [V] at the views' times, cache for `extra_losses`).
@@ -97,7 +101,11 @@ class X2Model(DeformationModel):
             g = jax.vmap(lambda t: at_times(t[None]))(times)
             return jax.tree.map(lambda x: jnp.concatenate([x, x], axis=1), g)
 
-        both = jax.lax.cond(on, with_shift, without_shift, None)  # leaves [V, 2, ...]
+        phase = getattr(settings, "phase", None)
+        if phase is None:
+            both = jax.lax.cond(on, with_shift, without_shift, None)  # leaves [V, 2, ...]
+        else:  # train.static_phases: this step function runs one phase only (no cond to differentiate)
+            both = (with_shift if phase else without_shift)(None)
         pick = lambda k: jax.tree.map(lambda x: x[:, k], both)  # noqa: E731
         return pick(0), {"shifted": pick(1), "shift_valid": shift.valid, "periodic_on": on}
 
@@ -127,7 +135,11 @@ class X2Model(DeformationModel):
             z = jnp.zeros(())
             return z, z, z, jnp.ones((), bool)
 
-        prior, prior_l1, prior_dssim, valid = jax.lax.cond(cache["periodic_on"], periodic_loss, no_periodic, None)
+        phase = getattr(settings, "phase", None)
+        if phase is None:
+            prior, prior_l1, prior_dssim, valid = jax.lax.cond(cache["periodic_on"], periodic_loss, no_periodic, None)
+        else:
+            prior, prior_l1, prior_dssim, valid = (periodic_loss if phase else no_periodic)(None)
         metrics.update(loss_render_prior=prior_l1, loss_dssim_prior=prior_dssim,
                        period_s=period_seconds(params["period"]), period_shift_valid=valid)
         return reg + self.s.lambda_prior * prior, metrics
