@@ -131,7 +131,7 @@ def test_sample_time_plane_gradients_kernel_equal_default(vmap_times, monkeypatc
         _close(a, b)
 
 
-@pytest.mark.parametrize("vmap_times", [False, True])
+@pytest.mark.parametrize("vmap_times", [pytest.param(False, marks=pytest.mark.slow), True])  # True: the step's case
 def test_hexplane_features_sort_once_per_axis_and_match_one_hot(vmap_times, monkeypatch):
     """Through the whole field (2 levels, kernel forced): one argsort per spatial axis, shared by the levels (XLA
     did not merge the levels' identical sorts: 12 radix sorts per step on an H200), not one per level or time; all
