@@ -101,11 +101,7 @@ class X2Model(DeformationModel):
             g = jax.vmap(lambda t: at_times(t[None]))(times)
             return jax.tree.map(lambda x: jnp.concatenate([x, x], axis=1), g)
 
-        phase = getattr(settings, "phase", None)
-        if phase is None:
-            both = jax.lax.cond(on, with_shift, without_shift, None)  # leaves [V, 2, ...]
-        else:  # train.static_phases: this step function runs one phase only (no cond to differentiate)
-            both = (with_shift if phase else without_shift)(None)
+        both = _periodic_branch(settings, on, with_shift, without_shift)  # leaves [V, 2, ...]
         pick = lambda k: jax.tree.map(lambda x: x[:, k], both)  # noqa: E731
         return pick(0), {"shifted": pick(1), "shift_valid": shift.valid, "periodic_on": on}
 
@@ -135,11 +131,8 @@ class X2Model(DeformationModel):
             z = jnp.zeros(())
             return z, z, z, jnp.ones((), bool)
 
-        phase = getattr(settings, "phase", None)
-        if phase is None:
-            prior, prior_l1, prior_dssim, valid = jax.lax.cond(cache["periodic_on"], periodic_loss, no_periodic, None)
-        else:
-            prior, prior_l1, prior_dssim, valid = (periodic_loss if phase else no_periodic)(None)
+        prior, prior_l1, prior_dssim, valid = _periodic_branch(settings, cache["periodic_on"], periodic_loss,
+                                                               no_periodic)
         metrics.update(loss_render_prior=prior_l1, loss_dssim_prior=prior_dssim,
                        period_s=period_seconds(params["period"]), period_shift_valid=valid)
         return reg + self.s.lambda_prior * prior, metrics
@@ -153,6 +146,16 @@ class X2Model(DeformationModel):
     # -- evaluation convention
     def eval_times(self, case) -> np.ndarray:
         return four_d_eval_times(case, self.s.eval_cycle_s, self.s.scan_s)
+
+
+def _periodic_branch(settings, on, periodic_fn, plain_fn):
+    """`lax.cond(on, periodic_fn, plain_fn, None)`; with train.static_phases the step runs one phase
+    (`StepSettings.phase`, `X2Model.phase`: 1 = periodic render on) and takes that branch in Python instead, so no
+    cond is differentiated."""
+    phase = getattr(settings, "phase", None)
+    if phase is None:
+        return jax.lax.cond(on, periodic_fn, plain_fn, None)
+    return (periodic_fn if phase else plain_fn)(None)
 
 
 @register("x2")
