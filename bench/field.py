@@ -86,7 +86,7 @@ def main(argv=None):
     results = {"device": dev.device_kind, "backend": dev.platform, "resolution": res, "multires": multires,
                "features": c, "gaussians": args.gaussians, "repeats": args.repeats,
                "time_kernel": args.time_kernel, "time_kernel_used": hexplane._triton_time_line(),
-               "line_kernel": os.environ.get("X2GS_LINE_KERNEL", "reduce"),
+               "line_kernel": os.environ.get("X2GS_LINE_KERNEL", "dot"),
                "spatial_table_bytes": table_bytes, "floor_fwd_ms": floor_fwd, "floor_fwd_bwd_ms": floor_both,
                "modes": {}}
     outputs = {}

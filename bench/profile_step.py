@@ -1,6 +1,6 @@
 """Per-kernel GPU time of the jitted training loop (dev tool for profile-guided tuning).
 
-  python bench/profile_step.py --model x2 --gaussians 50000 --detector 512 [--steps 10] [--top 30]
+  python bench/profile_step.py --model x2 --gaussians 50000 --detector 512 [--steps 10] [--top 30] [--no-static-phases]
 
 Same cases as bench/train_speed.py; prints the wall time per iteration, the summed GPU kernel time and the top
 kernels (count and ms per iteration) from a jax.profiler trace.
@@ -31,10 +31,13 @@ def main():
     ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
     ap.add_argument("--hlo", default="", help="comma-separated fusion names (or auto: the 4 slowest) whose optimized HLO to print")
     ap.add_argument("--hlo-dump", default="", help="write the whole optimized HLO of the profiled program to this file")
+    ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
+                    help="the timed phase's own step function (train.static_phases, train.py's default) or, with "
+                         "--no-static-phases, the in-step cond")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     multi, state, data, _ = build(args.model, args.gaussians, args.detector, args.cache, "auto", args.size,
-                                  args.steps, donate=False)
+                                  args.steps, donate=False, static_phases=args.static_phases)
     batch, keys = batches(data, state, 1, args.steps)
     wall, kernels = gpu_kernels(lambda s: multi(s, batch, keys, jnp.int32(args.steps)), (state,), calls=3)
     total = sum(ms for _, ms in kernels.values())

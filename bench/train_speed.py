@@ -10,7 +10,8 @@ Cases (fixed seeds): the embedded phantom (128³ GT) projected on a `--detector`
 x2/physx: 300 views over the 60 s scan), FDK-initialised with exactly N Gaussians, densification off so N stays
 fixed. `static` times the R2 step (render + L1/D-SSIM + 3D TV on a 32³ patch + Adam); `x2` times the fine
 stage of X2-Gaussian with the default field and the periodic-consistency render on (the reference's slowest
-phase); `physx` the fine stage of PhysX-Gaussian (1024 anchors, masked render pass + teacher pass, L_phys and
+phase; the step function of that phase, as train.py with train.static_phases; `--no-static-phases`: the step with
+the in-step cond, the case of the figures before 2026-12-04); `physx` the fine stage of PhysX-Gaussian (1024 anchors, masked render pass + teacher pass, L_phys and
 L_smooth on, no 3D TV as configs/physx.py); `physx_boosted` the fine stage of the main PhysX-Boosted recipe
 (configs/physx_boosted.py: boosted HexPlane + anchor streams, α 0.99, no mask, 4D-TV, L_smooth). Each call runs `train.steps_per_call` iterations in one jitted `lax.scan`, exactly as `train.py`.
 The step runs as in train.py: per device under shard_map over `--devices` devices (default 1: the program of a
@@ -155,8 +156,9 @@ def main():
     ap.add_argument("--views-per-step", type=int, default=1, help="global batch of views (a multiple of --devices)")
     ap.add_argument("--capacity-multiple", type=int, default=0,
                     help="model.capacity_multiple (0: the config's; 1: buffers of exactly 1.25 N slots, as before)")
-    ap.add_argument("--static-phases", action="store_true",
-                    help="the step function of the timed phase (train.static_phases) instead of the in-step cond")
+    ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
+                    help="the step function of the timed phase (train.static_phases, train.py's default since "
+                         "2026-12-04) or, with --no-static-phases, the in-step cond (the figures before that date)")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     results = []

@@ -10,6 +10,7 @@
 #                                                 config.seed=N (e.g. boosted_ref64_s1)
 #   PARALLEL=1 bash bench/x2_runs.sh OUT_DIR ...  quality runs: every case at once on one GPU (timings not comparable)
 #   GEN_ONLY=1 bash bench/x2_runs.sh OUT_DIR ...  only generate and cache the cases' phantoms and initial points
+#   X2_FLAGS="--config.train.static_phases=true" bash bench/x2_runs.sh OUT_DIR ...   extra train.py flags, every case
 #
 # Each case writes runs/<case>/ (checkpoints, export, metrics.jsonl with the `timing` record) and copies
 # metrics.jsonl, eval/metrics.json (with the phases of cycles 0, 5, 10 and 19), tidal.csv and the pictures to
@@ -45,7 +46,7 @@ PY
 flags() {  # the train.py flags of a case (a trailing _s<N>: config.seed=N)
   local c=$1 seed=""
   if [[ $c =~ ^(.*)_s([0-9]+)$ ]]; then c=${BASH_REMATCH[1]}; seed=" --config.seed=${BASH_REMATCH[2]}"; fi
-  echo "$(case_flags "$c")$seed"
+  echo "$(case_flags "$c")$seed${X2_FLAGS:+ $X2_FLAGS}"
 }
 
 case_flags() {

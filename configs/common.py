@@ -59,8 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.pad_short_calls = True
     # One step function per phase of a stage (`DeformationModel.phase`; X2: before / after the periodic render
     # starts) instead of a `lax.cond` inside the differentiated step: no zero-filled residuals of the branch not
-    # taken, at the cost of one more compilation. Off until measured on a GPU (BENCHMARKS.md, Training, item 6).
-    c.train.static_phases = False
+    # taken, at the cost of one more compilation (H200, X2 fine step at 200k / 512²: 12.16 -> 9.77 ms/it; BENCHMARKS.md,
+    # Training, item 7). The CPU-sized variants turn it off (a compilation costs a minute there).
+    c.train.static_phases = True
+    # Compile the step function of the next static phase / of the fine stage in a background thread while the
+    # current one trains (x2gs_jax/step_functions.py); off until measured on a GPU (BENCHMARKS.md, Training, item 7).
+    c.train.background_compile = False
 
     c.loss = ml_collections.ConfigDict(dict(
         lambda_dssim=0.25, lambda_tv=0.05, tv_vol_size=32,

@@ -57,6 +57,7 @@ def get_config(arg=None):
         c.data.phantom.update(dict(size=48, detector=64, views=120, val_views=10))
         c.data.init.n_points = 6000
         c.train.pad_short_calls = False  # CPU-sized: a masked iteration costs about a second here
+        c.train.static_phases = False  # CPU-sized: one fine-stage compilation instead of two
         c.model.field.resolution = (16, 16, 16, 40)
         c.model.field.multires = (1, 2)
         c.train.iterations = 400
@@ -84,6 +85,7 @@ def get_config(arg=None):
         c.data.init.n_points = 1500
         c.model.field.resolution = (8, 8, 8, 12)
         c.train.pad_short_calls = False  # CPU-sized
+        c.train.static_phases = False
         c.model.field.multires = (1, 2)
         c.model.field.features = 8
         c.train.iterations = 16

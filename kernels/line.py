@@ -25,9 +25,10 @@ CHUNK = 256  # sorted points per program
 SUB = 32  # points per sub-block (one [SUB, S, CP] multiply-add tile)
 S = 8  # local row accumulators per program (columns spanned by a chunk; the rest go to atomics)
 NUM_WARPS = 4
-# X2GS_LINE_KERNEL=dot (A/B, read at trace time): each sub-block's local sums as a tl.dot [S, SUB] x [SUB, CP] at
-# "tf32x3" (float32 accuracy on tensor cores) instead of a [SUB, S, CP] multiply-reduce; default "reduce" (the
-# variant timed on the H200: 1.75 ms for the 12 launches of a 200k-point step, 2026-12-03).
+# X2GS_LINE_KERNEL (read at trace time): "dot" (default) = each sub-block's local sums as a tl.dot [S, SUB] x
+# [SUB, CP] at "tf32x3" (float32 accuracy on tensor cores); "reduce" = a [SUB, S, CP] multiply-reduce. H200,
+# 2026-12-04, default field, 200k points: field forward + backward 3.26 -> 2.61 ms, X2 fine step 13.51 -> 12.16 ms/it
+# (BENCHMARKS.md, Training, item 7).
 DOT_S = 16  # tl.dot tiles are at least 16 x 16
 
 
@@ -55,7 +56,7 @@ def line_gradient(perm: jax.Array, i0: jax.Array, fi: jax.Array, g: jax.Array, n
     if n == 0:  # an empty grid cannot produce the (non-empty) output; nothing to add
         return jnp.zeros((n_cols, c), jnp.float32)
 
-    variant = os.environ.get("X2GS_LINE_KERNEL", "reduce")
+    variant = os.environ.get("X2GS_LINE_KERNEL", "dot")
     if variant not in ("reduce", "dot"):
         raise ValueError(f"X2GS_LINE_KERNEL={variant!r}: expected reduce or dot")
 

@@ -89,8 +89,13 @@ def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(t
         assert fn._cache_size() == 1  # one compilation served both evaluations
     assert not np.allclose(r1["volumes"], r2["volumes"])
     r3 = train_lib.evaluate(moved, model, case, config, "coarse")  # no cache: fresh compile, same numbers
-    np.testing.assert_array_equal(r2["volumes"], r3["volumes"])
-    assert r2["psnr_2d"] == r3["psnr_2d"]
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(r2["volumes"], r3["volumes"])
+        assert r2["psnr_2d"] == r3["psnr_2d"]
+    else:  # GPU: the voxelizer's atomic float sums change order from call to call (H200: 1.5e-7 absolute, 3.9e-7
+        # relative on values ~1e-2)
+        np.testing.assert_allclose(r2["volumes"], r3["volumes"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(r2["psnr_2d"], r3["psnr_2d"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("it", [10, 20], ids=["densify_iteration", "last_iteration_of_the_stage"])

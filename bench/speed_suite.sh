@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The X2 speed and compile-time suite behind BENCHMARKS.md (Training, items 6-7, and the `:ref64` / default-run
+# tables), one case after the other on one GPU (timings are only comparable when nothing else uses it).
+#
+#   bash bench/speed_suite.sh OUT_DIR [case ...]
+#
+# cases (default: all, in this order):
+#   field        bench/field.py, 200k points, the time-plane line kernel's two variants (X2GS_LINE_KERNEL)
+#   step         bench/train_speed.py x2 200k / 512²: today's defaults, the in-step cond (--no-static-phases),
+#                the fused decoder heads (X2GS_DECODER=fused), 150k / 96² (issue 18's second case), and XLA's
+#                GEMM autotuning off (compile time against step time)
+#   profile      bench/profile_step.py x2 200k / 512² (the default step), with the optimised HLO
+#   ref64        train.py :ref64 + eval.py (bench/x2_runs.sh), then train.py alone with train.background_compile,
+#                with it and model.initial_capacity_factor=5.1 (one static-stage compilation less), and that once
+#                more on the same compilation cache (the repeated run's compile time)
+#   default      train.py (the default 128³ run) + eval.py
+# Every case gets its own empty compilation cache (X2GS_COMPILE_CACHE), so each first call compiles cold.
+# Results: OUT_DIR/*.json, *.log and OUT_DIR/runs/<case>/ (bench/x2_runs.sh's copies).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash bench/speed_suite.sh OUT_DIR [case ...]}
+shift
+cases=("$@")
+[ ${#cases[@]} -eq 0 ] && cases=(field step profile ref64 default)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cc=$(mktemp -d)  # the per-case compilation caches
+bc=${BENCH_CACHE:-runs/bench_cache}  # bench/train_speed.py's phantoms
+
+ts() {  # name, env assignments..., -- train_speed.py arguments...
+  local name=$1; shift
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  env X2GS_COMPILE_CACHE="$cc/$name" "${envs[@]}" python bench/train_speed.py --model x2 --repeats 5 --cache "$bc" \
+    --json "$out/ts_$name.json" "$@" > "$out/ts_$name.log" 2>&1 || echo "ts $name failed"
+  python - "$out/ts_$name.json" "$name" <<'PY' || true
+import json, sys
+r = json.load(open(sys.argv[1]))[0]
+print(f"{sys.argv[2]}: {r['ms_per_it']:.2f} ms/it, first call {r['first_call_s']:.1f} s, peak {r['peak_gib']:.2f} GiB")
+PY
+}
+
+r64() {  # name, cache name, extra train.py flags: one :ref64 training run (its own final evaluation gives PSNR3D)
+  rm -rf "runs/speed_ref64_$1"
+  X2GS_COMPILE_CACHE="$cc/$2" python train.py --config=configs/x2_gaussian.py:ref64 --workdir="runs/speed_ref64_$1" \
+    $3 > "$out/ref64_$1.train.log" 2>&1 || echo "ref64 $1 failed"
+  cp "runs/speed_ref64_$1/metrics.jsonl" "$out/ref64_$1.metrics.jsonl" 2>/dev/null
+  grep "time per phase" "$out/ref64_$1.train.log"
+}
+
+for c in "${cases[@]}"; do
+  echo "== $c $(date +%T)"
+  case $c in
+    field)
+      for lk in dot reduce; do
+        X2GS_LINE_KERNEL=$lk python bench/field.py --gaussians 200000 --modes kernel --json "$out/field_$lk.json" \
+          > "$out/field_$lk.log" 2>&1 || echo "field $lk failed"
+        grep "fwd+bwd" "$out/field_$lk.log"
+      done ;;
+    step)
+      ts default -- --gaussians 200000 --detector 512
+      ts cond -- --gaussians 200000 --detector 512 --no-static-phases
+      ts fused_decoder X2GS_DECODER=fused -- --gaussians 200000 --detector 512
+      ts small96 -- --gaussians 150000 --detector 96
+      ts autotune0 XLA_FLAGS=--xla_gpu_autotune_level=0 -- --gaussians 200000 --detector 512 ;;
+    profile)
+      X2GS_COMPILE_CACHE="$cc/profile" python bench/profile_step.py --model x2 --gaussians 200000 --detector 512 \
+        --size 128 --cache "$bc" --hlo-dump "$out/step.hlo" > "$out/profile.log" 2>&1 || echo "profile failed"
+      head -20 "$out/profile.log" ;;
+    ref64)  # eval.py on the first; the same cold; then twice with both changes, the second on the first's cache
+      X2GS_COMPILE_CACHE="$cc/r64" bash bench/x2_runs.sh "$out/runs" ref64
+      r64 background bg "--config.train.background_compile=true"
+      r64 background_cap5 bgcap "--config.train.background_compile=true --config.model.initial_capacity_factor=5.1"
+      r64 background_cap5_repeat bgcap "--config.train.background_compile=true --config.model.initial_capacity_factor=5.1" ;;
+    default)
+      X2GS_COMPILE_CACHE="$cc/default" bash bench/x2_runs.sh "$out/runs" default ;;
+    *) echo "unknown case $c" >&2 ;;
+  esac
+done
+rm -rf "$cc"
+echo "== done $(date +%T)"
