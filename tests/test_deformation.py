@@ -169,3 +169,45 @@ def test_disabled_offsets_and_config_parsing(small):
         DeformationConfig(time_mapping="half")
     with pytest.raises(ValueError, match="bounds"):
         DeformationConfig(bounds=0.0)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_fused_decoder_equals_the_module_values_and_gradients(depth):
+    """X2GS_DECODER=fused (`decode_fused`: the heads' products merged, output layers block-diagonal) gives the
+    module's outputs and the same gradients for every parameter (the zero blocks get none)."""
+    from x2gs_jax.fields.decoder import DeformationDecoder, decode_fused
+
+    module = DeformationDecoder(in_features=24, width=16, depth=depth)
+    rng = np.random.default_rng(depth)
+    f = jnp.asarray(rng.normal(size=(37, 24)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(depth), f)["params"]
+    w = {k: jnp.asarray(rng.normal(size=(37, n)), jnp.float32) for k, n in (("hidden", 16), ("dx", 3), ("ds", 3),
+                                                                          ("dr", 4))}
+    split = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
+    fused = lambda p, x: decode_fused(p, x, depth)  # noqa: E731
+    a, b = split(params, f), fused(params, f)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    loss = lambda fn: lambda p, x: sum(jnp.sum(fn(p, x)[k] * w[k]) for k in w)  # noqa: E731
+    ga = jax.grad(loss(split), argnums=(0, 1))(params, f)
+    gb = jax.grad(loss(fused), argnums=(0, 1))(params, f)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(gb)[0], jax.tree.leaves(ga)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_decoder_switch_reads_the_environment(small, monkeypatch):
+    """deformation_offsets follows X2GS_DECODER (trace time); an unknown value fails naming the variable."""
+    params, _ = small
+    cfg = SMALL
+    xyz = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (20, 3)), jnp.float32)
+    monkeypatch.setenv("X2GS_DECODER", "split")
+    a = deformation_offsets(params, xyz, 0.3, cfg)
+    monkeypatch.setenv("X2GS_DECODER", "fused")
+    b = deformation_offsets(params, xyz, 0.3, cfg)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    monkeypatch.setenv("X2GS_DECODER", "merged")
+    with pytest.raises(ValueError, match="X2GS_DECODER='merged': expected split or fused"):
+        deformation_offsets(params, xyz, 0.3, cfg)

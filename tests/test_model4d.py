@@ -138,3 +138,39 @@ def test_static_phases_compile_one_step_per_phase_and_split_calls(tmp_path):
     assert compiles == [(1, 1.0, 0.0), (3, 1.0, 1.0)], compiles
     steps = sorted(r["step"] for r in records if r["kind"] == "train")
     assert steps == [1, 2, 3, 4], steps
+
+
+@pytest.mark.slow  # two end-to-end train.py runs (~2 min on 2 CPU cores); the registry itself: test_step_functions.py
+def test_background_compile_prefetches_the_next_phase_and_changes_nothing(tmp_path):
+    """train.background_compile: the fine stage's functions are compiled by the worker ahead of use (coarse -> fine,
+    phase 0 -> phase 1), and the run ends with exactly the parameters of the run that compiles in the loop."""
+    import json
+
+    from configs import x2_gaussian
+    from x2gs_jax import train_lib
+
+    def run(name, background):
+        config = x2_gaussian.get_config("tiny")
+        config.data.cache_dir = str(tmp_path / "cache")
+        config.train.iterations = 6
+        config.train.coarse_iterations = 2
+        config.loss.periodic_start = 4
+        config.train.static_phases = True
+        config.train.background_compile = background
+        config.compile_cache_dir = ""  # both runs compile
+        config.densify.enabled = False
+        config.eval.iterations = (6,)
+        config.checkpoint.every = 6
+        train_lib.train_and_evaluate(config, str(tmp_path / name))
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        compiles = [(r["step"], r["fine_stage"], r["phase"], r["background"]) for r in records if r["kind"] == "compile"]
+        timing = [r for r in records if r["kind"] == "timing"][-1]
+        return compiles, timing, np.load(tmp_path / name / "export" / "gaussians.npz")
+
+    c0, t0, g0 = run("loop", False)
+    c1, t1, g1 = run("background", True)
+    assert c0 == [(1, 0.0, -1.0, 0), (3, 1.0, 0.0, 0), (5, 1.0, 1.0, 0)], c0
+    assert c1 == [(1, 0.0, -1.0, 0), (3, 1.0, 0.0, 1), (5, 1.0, 1.0, 1)], c1
+    assert "compile_wait_s" in t1 and "compile_wait_s" not in t0
+    for k in g0.files:
+        np.testing.assert_array_equal(g0[k], g1[k], err_msg=k)

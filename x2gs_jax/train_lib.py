@@ -42,6 +42,7 @@ from x2gs_jax.run_dir import move_aside, plan_run_dir
 from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_opt_state, init_state,
                                 scale_bound_from_config, template_state)
+from x2gs_jax.step_functions import StepFunctions, abstract, compile_record, next_switch
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, call_length, is_densify_iteration,
                                  make_multi_step, make_train_step)
@@ -240,7 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Pair buffer of the rasterizer: None = the backend's default (exact and dynamic for the reference
     # backend); grown from count_pairs whenever a step reports overflow.
     max_pairs = int(config.render.max_pairs) or None
-    steps = {}
+    static_phases = bool(config.train.get("static_phases", False))
+    steps = StepFunctions(timer, lambda it, rec: logger.write(it, rec, prefix="compile"),
+                          background=bool(config.train.get("background_compile", False)))
     eval_fns = {}  # compiled evaluation functions, reused by every evaluation (see evaluate)
     last_report = {}
     report = {}
@@ -256,15 +259,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       stats=DensifyStats.zeros(state.capacity))
             stage_start = 1 if stage == "coarse" else coarse_end + 1
             stage_end = coarse_end if stage == "coarse" else total
-            end = chunk_end(it0, config, total, coarse_end)
-            phase = model.phase(it0, stage) if config.train.get("static_phases", False) else None
-            if phase is not None:  # a call runs one phase: end it before the phase changes
-                end = next((i - 1 for i in range(it0 + 1, end + 1) if model.phase(i, stage) != phase), end)
+            end = call_end(model, it0, stage, config, total, coarse_end, static_phases)
+            phase = model.phase(it0, stage) if static_phases else None
             its = np.arange(it0, end + 1)
             # Calls are padded to a few fixed lengths (masked iterations are no-ops): one compilation serves
             # every chunk of a stage, capacity and pair buffer (short calls inside a stage included).
             n_scan = call_length(len(its), stage_end - it0 + 1, config.train.steps_per_call,
-                                 [k[4] for k in steps if k[:4] == (stage, state.capacity, max_pairs, phase)],
+                                 [k[4] for k in steps.keys() if k[:4] == (stage, state.capacity, max_pairs, phase)],
                                  bool(config.train.get("pad_short_calls", True)))
             its_padded = np.concatenate([its, np.full(n_scan - len(its), its[-1])])
             fn_key = (stage, state.capacity, max_pairs, phase, n_scan)
@@ -276,24 +277,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = par.replicate(state)  # a no-op unless densification, growth or a stage switch made a new one
             args = (state, data.sharded_batch(views), par.replicate(keys), par.replicate(jnp.int32(len(its))))
             if fn_key not in steps:
-                # Compiled ahead of the call, timed in two parts: tracing + lowering (the Triton kernels are
-                # compiled here, by jax-triton) and XLA's compilation.
-                t_start = time.perf_counter()
-                settings = step_settings(config, sc, stage, max_pairs, stage_end, phase)
-                opt = build_optimizer(config, state.params, model)
-                multi = make_multi_step(make_train_step(model, settings, opt, axis_name=parallel.AXIS))
-                lowered = jax.jit(par.shard(multi), donate_argnums=0).lower(*args)
-                t_lowered = timer.since("trace_and_lower", t_start)
-                steps[fn_key] = lowered.compile()
-                t_compiled = timer.since("xla_compile", t_lowered)
-                # One `compile` record per step function: which stage, capacity and pair buffer cost how much.
-                logger.write(it0, {"fine_stage": stage == "fine", "phase": -1 if phase is None else phase,
-                                   "capacity": state.capacity,
-                                   "max_pairs": max_pairs or 0, "scan_length": n_scan, "devices": par.n_devices,
-                                   "trace_and_lower_s": t_lowered - t_start,
-                                   "xla_compile_s": t_compiled - t_lowered}, prefix="compile")
+                # Compiled ahead of the call (step_functions.py): one `compile` record per step function, which
+                # stage, capacity and pair buffer cost how much.
+                step_fn = steps.get(fn_key, _step_maker(model, config, sc, state, par, stage, max_pairs, stage_end,
+                                                        phase), args, it0, compile_record(fn_key, par.n_devices))
+                # A new function started: the next one the loop can foresee compiles meanwhile (if enabled).
+                _prefetch_next(steps, model, config, sc, state, par, args, max_pairs, it0, stage, stage_end,
+                               coarse_end, total, static_phases)
+            else:
+                step_fn = steps[fn_key]
             t0 = time.perf_counter()
-            state, metrics = steps[fn_key](*args)
+            state, metrics = step_fn(*args)
             del args  # the state was donated
             metrics = jax.device_get(metrics)  # one host transfer per call
             ckpt.poll()  # a background checkpoint save that failed stops the run now, naming its step
@@ -358,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if writer:
             print("time per phase: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timing.items()))
     finally:
+        steps.close()
         bar.close()
         logger.close()
         if sys.exc_info()[0] is not None:  # failing already: finish the background save without hiding the error
@@ -366,6 +361,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             except Exception as err:  # noqa: BLE001 - reported beside the error that stopped the run
                 print(f"also: {err}", file=sys.stderr)
     return report
+
+
+def _step_maker(model, config, scanner, state, par, stage, max_pairs, stage_end, phase):
+    """() -> the jitted multi-step function of a stage / pair buffer / phase (settings and optimiser built now,
+    in the loop's thread; tracing happens where it is called)."""
+    settings = step_settings(config, scanner, stage, max_pairs, stage_end, phase)
+    opt = build_optimizer(config, state.params, model)
+    multi = make_multi_step(make_train_step(model, settings, opt, axis_name=parallel.AXIS))
+    return lambda: jax.jit(par.shard(multi), donate_argnums=0)
+
+
+def _prefetch_next(steps, model, config, scanner, state, par, args, max_pairs, it0, stage, stage_end, coarse_end,
+                   total, static_phases) -> None:
+    """Start compiling (in the background, train.background_compile) the step function of the next stage or
+    static phase, for today's capacity and pair buffer (a growth before then makes it stale: it is dropped)."""
+    if not config.train.get("background_compile", False):
+        return
+    nxt = next_switch(model, it0, stage, stage_end, coarse_end, total, static_phases)
+    if nxt is None:
+        return
+    it, stage_n, phase_n = nxt
+    end_n = coarse_end if stage_n == "coarse" else total
+    first = call_end(model, it, stage_n, config, total, coarse_end, static_phases) - it + 1
+    n_scan = call_length(first, end_n - it + 1, config.train.steps_per_call, (),
+                         bool(config.train.get("pad_short_calls", True)))
+    if n_scan != len(args[2]):  # the batch and keys of another scan length: not foreseen from these arguments
+        return
+    key = (stage_n, state.capacity, max_pairs, phase_n, n_scan)
+    steps.prefetch(key, _step_maker(model, config, scanner, state, par, stage_n, max_pairs, end_n, phase_n),
+                   abstract(args), stale=lambda k: k[1:3] != (state.capacity, max_pairs))
+
+
+def call_end(model, it0: int, stage: str, config, total: int, coarse_end: int, static_phases: bool) -> int:
+    """Last iteration of the call that starts at it0: `chunk_end`, and with static phases before the phase changes
+    (a call runs one phase)."""
+    end = chunk_end(it0, config, total, coarse_end)
+    phase = model.phase(it0, stage) if static_phases else None
+    if phase is not None:
+        end = next((i - 1 for i in range(it0 + 1, end + 1) if model.phase(i, stage) != phase), end)
+    return end
 
 
 def chunk_end(it0: int, config, total: int, coarse_end: int) -> int:

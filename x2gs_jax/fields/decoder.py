@@ -72,3 +72,33 @@ def num_decoder_params(in_features: int = 128, width: int = 64, depth: int = 1, 
     for _, _, k in heads:
         n += width * width + width + width * k + k
     return int(n)
+
+
+def decode_fused(params, features: jax.Array, depth: int = 1, heads: Sequence[tuple] = HEADS) -> dict:
+    """`DeformationDecoder(...).apply({"params": params}, features)` with the heads' GEMMs merged: the three heads'
+    first layers as one [W, 3W] product, their output layers as one block-diagonal [3W, 3+3+4] product (the zero
+    blocks add exact zeros, so every output is the same sum; only the GEMMs' accumulation order may differ).
+    Three matrix products forward instead of seven (depth 1), for the A/B `X2GS_DECODER=fused`
+    (fields/deformation.py). params: the module's parameter dict (same names, unchanged)."""
+    dense = lambda x, p: x @ p["kernel"] + p["bias"]  # noqa: E731
+    h = dense(features, params["feature_out_0"])
+    for i in range(depth - 1):
+        h = dense(nn.relu(h), params[f"feature_out_{2 * i + 2}"])
+    first = [params[f"{name}_1"] for name, _, _ in heads]
+    last = [params[f"{name}_3"] for name, _, _ in heads]
+    y = nn.relu(dense(nn.relu(h), {"kernel": jnp.concatenate([p["kernel"] for p in first], axis=1),
+                                   "bias": jnp.concatenate([p["bias"] for p in first])}))
+    width = h.shape[-1]
+    ks = [int(k) for _, _, k in heads]
+    w_last = jnp.zeros((len(heads) * width, sum(ks)), y.dtype)
+    col = 0
+    for j, (p, k) in enumerate(zip(last, ks)):
+        w_last = w_last.at[j * width:(j + 1) * width, col:col + k].set(p["kernel"])
+        col += k
+    z = y @ w_last + jnp.concatenate([p["bias"] for p in last])
+    out = {"hidden": h}
+    col = 0
+    for (_, key, k) in heads:
+        out[key] = z[..., col:col + k]
+        col += k
+    return out

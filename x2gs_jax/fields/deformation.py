@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
 from x2gs_jax.fields import hexplane
-from x2gs_jax.fields.decoder import DeformationDecoder, num_decoder_params
+from x2gs_jax.fields.decoder import DeformationDecoder, decode_fused, num_decoder_params
 from x2gs_jax.gaussians import Gaussians
 
 
@@ -130,7 +131,18 @@ def deformation_offsets(params: Mapping[str, Any], xyz: jax.Array, t, config=Non
     cfg = DeformationConfig.from_config(config)
     f = hexplane.hexplane_features(params["grid"], xyz, t, bounds=cfg.bounds, time_mapping=cfg.time_mapping,
                                    remat=cfg.remat)
+    if _fused_decoder():
+        return decode_fused(params["deformation"], f, cfg.defor_depth)
     return _decoder(cfg).apply({"params": params["deformation"]}, f)
+
+
+def _fused_decoder() -> bool:
+    """X2GS_DECODER, read at trace time: "split" (default: one product per layer and head, as the module) or "fused"
+    (`decode_fused`: the heads' products merged; an A/B, not yet timed on a GPU)."""
+    mode = os.environ.get("X2GS_DECODER", "split")
+    if mode not in ("split", "fused"):
+        raise ValueError(f"X2GS_DECODER={mode!r}: expected split or fused")
+    return mode == "fused"
 
 
 def apply_offsets(canonical: Gaussians, dx: Optional[jax.Array], ds: Optional[jax.Array],
