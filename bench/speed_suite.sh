@@ -7,9 +7,11 @@
 # cases (default: all, in this order):
 #   field        bench/field.py, 200k points, the time-plane line kernel's two variants (X2GS_LINE_KERNEL)
 #   step         bench/train_speed.py x2 200k / 512²: today's defaults, the in-step cond (--no-static-phases),
-#                the fused decoder heads (X2GS_DECODER=fused), 150k / 96² (issue 18's second case), and XLA's
+#                the fused decoder heads (X2GS_DECODER=fused), the time lines materialised before their gathers
+#                (X2GS_TIME_LINE_BARRIER=1), 150k / 96² (issue 18's second case), and XLA's
 #                GEMM autotuning off (compile time against step time)
-#   profile      bench/profile_step.py x2 200k / 512² (the default step), with the optimised HLO
+#   profile      bench/profile_step.py x2 200k / 512² (the default step), with the optimised HLO and the four
+#                slowest fusions' bodies; the same with X2GS_TIME_LINE_BARRIER=1
 #   ref64        train.py :ref64 + eval.py (bench/x2_runs.sh), then train.py alone with train.background_compile,
 #                with it and model.initial_capacity_factor=5.1 (one static-stage compilation less), and that once
 #                more on the same compilation cache (the repeated run's compile time)
@@ -62,12 +64,17 @@ for c in "${cases[@]}"; do
       ts default -- --gaussians 200000 --detector 512
       ts cond -- --gaussians 200000 --detector 512 --no-static-phases
       ts fused_decoder X2GS_DECODER=fused -- --gaussians 200000 --detector 512
+      ts line_barrier X2GS_TIME_LINE_BARRIER=1 -- --gaussians 200000 --detector 512
       ts small96 -- --gaussians 150000 --detector 96
       ts autotune0 XLA_FLAGS=--xla_gpu_autotune_level=0 -- --gaussians 200000 --detector 512 ;;
     profile)
       X2GS_COMPILE_CACHE="$cc/profile" python bench/profile_step.py --model x2 --gaussians 200000 --detector 512 \
-        --size 128 --cache "$bc" --hlo-dump "$out/step.hlo" > "$out/profile.log" 2>&1 || echo "profile failed"
-      head -20 "$out/profile.log" ;;
+        --size 128 --cache "$bc" --hlo auto --hlo-dump "$out/step.hlo" > "$out/profile.log" 2>&1 || echo "profile failed"
+      head -20 "$out/profile.log"
+      X2GS_TIME_LINE_BARRIER=1 X2GS_COMPILE_CACHE="$cc/profile_barrier" python bench/profile_step.py --model x2 \
+        --gaussians 200000 --detector 512 --size 128 --cache "$bc" --hlo auto > "$out/profile_barrier.log" 2>&1 \
+        || echo "profile (barrier) failed"
+      head -12 "$out/profile_barrier.log" ;;
     ref64)  # eval.py on the first; the same cold; then twice with both changes, the second on the first's cache
       X2GS_COMPILE_CACHE="$cc/r64" bash bench/x2_runs.sh "$out/runs" ref64
       r64 background bg "--config.train.background_compile=true"

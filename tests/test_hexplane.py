@@ -351,3 +351,26 @@ def test_time_plane_gradient_under_vmap_builds_no_plane_per_time():
     scatters = [tuple(e.outvars[0].aval.shape) for e in all_eqns(jax.make_jaxpr(jax.grad(loss))(grid).jaxpr)
                 if e.primitive.name.startswith("scatter") and tuple(e.outvars[0].aval.shape)[-3:] in planes]
     assert scatters == [], scatters
+
+
+def test_time_line_barrier_changes_no_value_or_gradient(monkeypatch):
+    """X2GS_TIME_LINE_BARRIER=1 (the time line materialised before its gathers) puts an optimization_barrier in
+    the program and leaves the vmapped features and every gradient bit-identical."""
+    grid = random_grid(5)
+    rng = np.random.default_rng(6)
+    xyz = jnp.asarray(rng.uniform(-1.7, 1.7, (40, 3)), jnp.float32)
+    ts = jnp.asarray([0.2, 0.7], jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 40, 6)), jnp.float32)
+
+    def loss(g, p, t):
+        return jnp.sum(jax.vmap(lambda s: hexplane.hexplane_features(g, p, s + t, time_mapping="full"))(ts) * w)
+
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("X2GS_TIME_LINE_BARRIER", flag)
+        fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        jaxpr = str(jax.make_jaxpr(fn)(grid, xyz, jnp.float32(0.05)))
+        assert ("optimization_barrier" in jaxpr) == (flag == "1")
+        out[flag] = jax.jit(fn)(grid, xyz, jnp.float32(0.05))
+    for a, b in zip(jax.tree.leaves(out["0"]), jax.tree.leaves(out["1"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

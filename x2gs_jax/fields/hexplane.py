@@ -24,6 +24,7 @@ Triton kernel pair (kernels/field.py; `_triton_field`: X2GS_FIELD_KERNEL=xla sel
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -162,7 +163,6 @@ def _use_kernel(env: str, default: str, module: str) -> bool:
     interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import. The
     one place where the field's backends are chosen (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
     import importlib
-    import os
 
     mode = os.environ.get(env, default)
     if mode == "interpret":
@@ -297,9 +297,22 @@ def _sample_time(plane, u, g_t, perm):
     return _time_fwd(plane, u, g_t, perm)[0]
 
 
+def _time_line(r0, r1, fj):
+    """The time-interpolated row as [R_a, C] (one row per node: a point's C channels are contiguous).
+
+    X2GS_TIME_LINE_BARRIER=1 (read at trace time; an A/B, not yet timed on a GPU): the line goes through
+    `lax.optimization_barrier`, so XLA materialises it before the gathers. Why: in the H200 profile of 2026-12-04
+    XLA had fused the transpose into the gather fusion as a [C, R_a]-ordered bitcast, so each point's 32-channel
+    gather read 32 lines 256 B apart (the periodic render's forward time product: 1.18 ms for a ~0.13 ms floor)."""
+    line = ((1.0 - fj) * r0 + fj * r1).T
+    if os.environ.get("X2GS_TIME_LINE_BARRIER", "0") == "1":
+        line = jax.lax.optimization_barrier(line)
+    return line
+
+
 def _time_fwd(plane, u, g_t, perm):
     r0, r1, _, fj, _ = _time_rows(plane, g_t)
-    line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
+    line = _time_line(r0, r1, fj)  # [R_a, C]
     i0, fi, _ = _axis_lookup(u, plane.shape[2])
     fi = fi[:, None]
     out = (1.0 - fi) * line.at[i0].get(mode="promise_in_bounds") + fi * line.at[i0 + 1].get(mode="promise_in_bounds")
@@ -310,7 +323,7 @@ def _time_bwd(res, g):
     plane, u, g_t, perm = res
     _, _, ra = plane.shape
     r0, r1, j0, fj, dj = _time_rows(plane, g_t)
-    line = ((1.0 - fj) * r0 + fj * r1).T  # [R_a, C]
+    line = _time_line(r0, r1, fj)  # [R_a, C]
     i0, fi, di = _axis_lookup(u, ra)
     a = line.at[i0].get(mode="promise_in_bounds")
     b = line.at[i0 + 1].get(mode="promise_in_bounds")
