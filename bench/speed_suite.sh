@@ -12,10 +12,11 @@
 #                GEMM autotuning off (compile time against step time)
 #   profile      bench/profile_step.py x2 200k / 512² (the default step), with the optimised HLO and the four
 #                slowest fusions' bodies; the same with X2GS_TIME_LINE_BARRIER=1
-#   ref64        train.py :ref64 + eval.py (bench/x2_runs.sh), then train.py alone with train.background_compile,
-#                with it and model.initial_capacity_factor=5.1 (one static-stage compilation less), and that once
-#                more on the same compilation cache (the repeated run's compile time)
+#   ref64        train.py :ref64 + eval.py (bench/x2_runs.sh), then train.py alone with train.background_compile
+#                and model.initial_capacity_factor=5.1 (one static-stage compilation less), and that once more on
+#                the same compilation cache (the repeated run's compile time)
 #   default      train.py (the default 128³ run) + eval.py
+# H200 device time (2026-12-04 figures): field ~1 min, step ~5 min, profile ~2 min, ref64 ~8 min, default ~8 min.
 # Every case gets its own empty compilation cache (X2GS_COMPILE_CACHE), so each first call compiles cold.
 # Results: OUT_DIR/*.json, *.log and OUT_DIR/runs/<case>/ (bench/x2_runs.sh's copies).
 set -uo pipefail
@@ -48,7 +49,7 @@ r64() {  # name, cache name, extra train.py flags: one :ref64 training run (its 
   X2GS_COMPILE_CACHE="$cc/$2" python train.py --config=configs/x2_gaussian.py:ref64 --workdir="runs/speed_ref64_$1" \
     $3 > "$out/ref64_$1.train.log" 2>&1 || echo "ref64 $1 failed"
   cp "runs/speed_ref64_$1/metrics.jsonl" "$out/ref64_$1.metrics.jsonl" 2>/dev/null
-  grep "time per phase" "$out/ref64_$1.train.log"
+  grep -o "time per phase.*" "$out/ref64_$1.train.log"
 }
 
 for c in "${cases[@]}"; do
@@ -75,9 +76,8 @@ for c in "${cases[@]}"; do
         --gaussians 200000 --detector 512 --size 128 --cache "$bc" --hlo auto > "$out/profile_barrier.log" 2>&1 \
         || echo "profile (barrier) failed"
       head -12 "$out/profile_barrier.log" ;;
-    ref64)  # eval.py on the first; the same cold; then twice with both changes, the second on the first's cache
+    ref64)  # eval.py on the first; then twice with both changes, the second on the first's compilation cache
       X2GS_COMPILE_CACHE="$cc/r64" bash bench/x2_runs.sh "$out/runs" ref64
-      r64 background bg "--config.train.background_compile=true"
       r64 background_cap5 bgcap "--config.train.background_compile=true --config.model.initial_capacity_factor=5.1"
       r64 background_cap5_repeat bgcap "--config.train.background_compile=true --config.model.initial_capacity_factor=5.1" ;;
     default)

@@ -101,7 +101,7 @@ run_case() {
   rm -rf "runs/$c"
   echo "== $c: train $(date +%T)"
   python train.py --workdir="runs/$c" $(flags "$c") > "$out/$c.train.log" 2>&1 || { echo "$c: train.py failed"; return; }
-  grep "time per phase" "$out/$c.train.log"
+  grep -o "time per phase.*" "$out/$c.train.log"
   echo "== $c: eval $(date +%T)"
   python eval.py --workdir="runs/$c" --cycles=0,5,10,19 > "$out/$c.eval.log" 2>&1 || echo "$c: eval.py failed"
   mkdir -p "$out/$c"
