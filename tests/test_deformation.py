@@ -211,3 +211,30 @@ def test_decoder_switch_reads_the_environment(small, monkeypatch):
     monkeypatch.setenv("X2GS_DECODER", "merged")
     with pytest.raises(ValueError, match="X2GS_DECODER='merged': expected split or fused"):
         deformation_offsets(params, xyz, 0.3, cfg)
+
+
+def test_relu_masks_by_its_output_same_values_and_gradients(capsys):
+    """decoder.relu: nn.relu's values and gradients (0 at exactly 0), but autodiff saves no input mask: through a
+    2-layer MLP the only residuals are float arrays (nn.relu's form also keeps a bool [N, W] mask per ReLU)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    import flax.linen as nn
+
+    x = jnp.asarray([-2.0, -0.0, 0.0, 1e-30, 3.0, -1e-30], jnp.float32)
+    np.testing.assert_array_equal(dec.relu(x), nn.relu(x))
+    w = jnp.arange(1.0, 7.0)
+    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(dec.relu(v) * w))(x),
+                                  jax.grad(lambda v: jnp.sum(nn.relu(v) * w))(x))
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+    w1, w2 = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((16, 16), (16, 4)))
+    mlp = lambda act: lambda p: jnp.sum(act(act(a @ p[0]) @ p[1]))  # noqa: E731
+    for act in (dec.relu, nn.relu):
+        np.testing.assert_array_equal(jax.grad(mlp(dec.relu))((w1, w2))[0], jax.grad(mlp(nn.relu))((w1, w2))[0])
+    saved = {}
+    for name, act in (("ours", dec.relu), ("flax", nn.relu)):
+        capsys.readouterr()
+        print_saved_residuals(mlp(act), (w1, w2))
+        saved[name] = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert not [s for s in saved["ours"] if s.startswith("bool")], saved["ours"]
+    assert [s for s in saved["flax"] if s.startswith("bool")], saved["flax"]  # the test sees the difference
