@@ -4,8 +4,8 @@ A step function is keyed by (stage, capacity, max_pairs, phase, scan length): ev
 `StepFunctions.get` returns the compiled function of a key, compiling it in the loop's thread when it is neither
 compiled nor being compiled (timed in two parts: tracing + lowering, where jax-triton compiles the Triton kernels,
 and XLA's compilation). With `train.background_compile`, `prefetch` starts the compilation of a function the loop
-will need later (the next static phase of a stage, the fine stage's first function) in one worker thread while
-the current one trains (two worker threads): `jax.jit(...).lower(*abstract_args).compile()` needs only the arguments' shapes, dtypes and
+will need later (the next static phase of a stage, the fine stage's first function) in a worker thread while the
+current one trains: `jax.jit(...).lower(*abstract_args).compile()` needs only the arguments' shapes, dtypes and
 shardings, and the loop's thread mostly waits on the device meanwhile. When the loop reaches that key it waits for
 the worker (the wait, not the worker's own seconds, is loop time). A prefetch whose key went stale (the capacity
 or the pair buffer grew in between) is dropped and the key compiled again in the loop's thread, as without it.
@@ -60,7 +60,7 @@ class StepFunctions:
         self.timer = timer
         self._log = log
         self._done = {}
-        self._pending = {}  # key -> (future, record)
+        self._pending = {}  # key -> Future of `_compile`
         # Two workers: a prefetch gone stale while it compiles (a capacity growth) does not hold up its successor.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="x2gs-compile") \
             if background else None
@@ -71,9 +71,14 @@ class StepFunctions:
     def __getitem__(self, key):
         return self._done[key]
 
+    @property
+    def background(self) -> bool:
+        """Whether `prefetch` compiles anything (a worker exists)."""
+        return self._pool is not None
+
     def keys(self) -> list:
         """Keys compiled or being compiled (the scan lengths `call_length` may reuse)."""
-        return list(self._done) + [k for k in self._pending if k not in self._done]
+        return list(self._done) + list(self._pending)
 
     def get(self, key: Hashable, make: Callable[[], Callable], args, it: int, record: dict):
         """The compiled function of `key`: compiled already, awaited from the worker, or compiled now from `make()`
@@ -81,26 +86,24 @@ class StepFunctions:
         if key in self._done:
             return self._done[key]
         job = self._pending.pop(key, None)
-        t0 = time.perf_counter()
         if job is not None:
+            t0 = time.perf_counter()
             try:
-                compiled, t_lower, t_xla = job[0].result()
-                t_ready = self.timer.since("compile_wait", t0)
+                compiled, t_lower, t_xla = job.result()
+                waited = self.timer.since("compile_wait", t0) - t0
                 self._log(it, {**record, "trace_and_lower_s": t_lower, "xla_compile_s": t_xla, "background": 1,
-                               "waited_s": t_ready - t0})
+                               "waited_s": waited})
                 self._done[key] = compiled
                 return compiled
             except Exception as err:  # noqa: BLE001 - the worker's failure is reproduced (and raised) below
                 self.timer.since("compile_wait", t0)
                 print(f"background compilation of the step function failed ({type(err).__name__}: {err}); "
                       "compiling it again in the loop", flush=True)
-                t0 = time.perf_counter()
-        lowered = make().lower(*args)
-        t_lowered = self.timer.since("trace_and_lower", t0)
-        compiled = lowered.compile()
-        t_compiled = self.timer.since("xla_compile", t_lowered)
-        self._log(it, {**record, "trace_and_lower_s": t_lowered - t0, "xla_compile_s": t_compiled - t_lowered,
-                       "background": 0, "waited_s": t_compiled - t0})
+        compiled, t_lower, t_xla = _compile(make, args)
+        self.timer.add("trace_and_lower", t_lower)
+        self.timer.add("xla_compile", t_xla)
+        self._log(it, {**record, "trace_and_lower_s": t_lower, "xla_compile_s": t_xla, "background": 0,
+                       "waited_s": t_lower + t_xla})
         self._done[key] = compiled
         return compiled
 
@@ -112,8 +115,8 @@ class StepFunctions:
         if self._pool is None or key in self._done or key in self._pending:
             return False
         for k in [k for k in self._pending if stale(k)]:
-            self._pending.pop(k)[0].cancel()
-        self._pending[key] = (self._pool.submit(_compile, make, abstract_args), None)
+            self._pending.pop(k).cancel()
+        self._pending[key] = self._pool.submit(_compile, make, abstract_args)
         return True
 
     def pending(self) -> list:
@@ -128,17 +131,23 @@ class StepFunctions:
         self._pending.clear()
 
 
+def phase_change(model, it: int, stage: str, last: int) -> Optional[int]:
+    """The first iteration in (it, last] whose static phase (`model.phase`) differs from iteration it's; None if
+    none does (or the stage has no phases)."""
+    phase = model.phase(it, stage)
+    if phase is None:
+        return None
+    return next((i for i in range(it + 1, last + 1) if model.phase(i, stage) != phase), None)
+
+
 def next_switch(model, it: int, stage: str, stage_end: int, coarse_end: int, total: int, static_phases: bool
                 ) -> Optional[tuple]:
     """(iteration, stage, phase) of the next step-function change after iteration `it` that the loop can foresee:
     the next static phase of this stage (`static_phases`), else the fine stage's start for a 4D model in its
     coarse stage; None when neither comes."""
-    phase = model.phase(it, stage) if static_phases else None
-    if phase is not None:
-        for i in range(it + 1, stage_end + 1):
-            p = model.phase(i, stage)
-            if p != phase:
-                return i, stage, p
+    i = phase_change(model, it, stage, stage_end) if static_phases else None
+    if i is not None:
+        return i, stage, model.phase(i, stage)
     if stage == "coarse" and model.is_4d and coarse_end < total:
         i = coarse_end + 1
         return i, "fine", (model.phase(i, "fine") if static_phases else None)

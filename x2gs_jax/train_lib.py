@@ -42,7 +42,7 @@ from x2gs_jax.run_dir import move_aside, plan_run_dir
 from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_opt_state, init_state,
                                 scale_bound_from_config, template_state)
-from x2gs_jax.step_functions import StepFunctions, abstract, compile_record, next_switch
+from x2gs_jax.step_functions import StepFunctions, abstract, compile_record, next_switch, phase_change
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, call_length, is_densify_iteration,
                                  make_multi_step, make_train_step)
@@ -376,7 +376,7 @@ def _prefetch_next(steps, model, config, scanner, state, par, args, max_pairs, i
                    total, static_phases) -> None:
     """Start compiling (in the background, train.background_compile) the step function of the next stage or
     static phase, for today's capacity and pair buffer (a growth before then makes it stale: it is dropped)."""
-    if not config.train.get("background_compile", False):
+    if not steps.background:
         return
     nxt = next_switch(model, it0, stage, stage_end, coarse_end, total, static_phases)
     if nxt is None:
@@ -397,10 +397,8 @@ def call_end(model, it0: int, stage: str, config, total: int, coarse_end: int, s
     """Last iteration of the call that starts at it0: `chunk_end`, and with static phases before the phase changes
     (a call runs one phase)."""
     end = chunk_end(it0, config, total, coarse_end)
-    phase = model.phase(it0, stage) if static_phases else None
-    if phase is not None:
-        end = next((i - 1 for i in range(it0 + 1, end + 1) if model.phase(i, stage) != phase), end)
-    return end
+    change = phase_change(model, it0, stage, end) if static_phases else None
+    return end if change is None else change - 1
 
 
 def chunk_end(it0: int, config, total: int, coarse_end: int) -> int:

@@ -19,6 +19,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import block_diag
 import numpy as np
 
 # (submodule name, output key, output width)
@@ -111,15 +112,8 @@ def decode_fused(params, features: jax.Array, depth: int = 1, heads: Sequence[tu
     first = [params[f"{name}_1"] for name, _, _ in heads]
     last = [params[f"{name}_3"] for name, _, _ in heads]
     y = relu(dense(relu(h), {"kernel": jnp.concatenate([p["kernel"] for p in first], axis=1),
-                                   "bias": jnp.concatenate([p["bias"] for p in first])}))
-    width = h.shape[-1]
-    ks = [int(k) for _, _, k in heads]
-    w_last = jnp.zeros((len(heads) * width, sum(ks)), y.dtype)
-    col = 0
-    for j, (p, k) in enumerate(zip(last, ks)):
-        w_last = w_last.at[j * width:(j + 1) * width, col:col + k].set(p["kernel"])
-        col += k
-    z = y @ w_last + jnp.concatenate([p["bias"] for p in last])
+                             "bias": jnp.concatenate([p["bias"] for p in first])}))
+    z = y @ block_diag(*[p["kernel"] for p in last]) + jnp.concatenate([p["bias"] for p in last])
     out = {"hidden": h}
     col = 0
     for (_, key, k) in heads:
