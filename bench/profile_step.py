@@ -1,6 +1,7 @@
 """Per-kernel GPU time of the jitted training loop (dev tool for profile-guided tuning).
 
   python bench/profile_step.py --model x2 --gaussians 50000 --detector 512 [--steps 10] [--top 30] [--no-static-phases]
+  python bench/profile_step.py --trained RUN/export   # a finished run's Gaussians, case and config
 
 Same cases as bench/train_speed.py; prints the wall time per iteration, the summed GPU kernel time and the top
 kernels (count and ms per iteration) from a jax.profiler trace.
@@ -31,17 +32,21 @@ def main():
     ap.add_argument("--cache", default=os.path.join("runs", "bench_cache"))
     ap.add_argument("--hlo", default="", help="comma-separated fusion names (or auto: the 4 slowest) whose optimized HLO to print")
     ap.add_argument("--hlo-dump", default="", help="write the whole optimized HLO of the profiled program to this file")
+    ap.add_argument("--trained", default="", help="a finished run's export directory (RUN/export): profile the "
+                    "fine step on its Gaussians, case and config (bench/train_speed.py --trained)")
     ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
                     help="the timed phase's own step function (train.static_phases, train.py's default) or, with "
                          "--no-static-phases, the in-step cond")
     args = ap.parse_args()
     os.makedirs(args.cache, exist_ok=True)
     multi, state, data, _ = build(args.model, args.gaussians, args.detector, args.cache, "auto", args.size,
-                                  args.steps, donate=False, static_phases=args.static_phases)
+                                  args.steps, donate=False, static_phases=args.static_phases, trained=args.trained)
     batch, keys = batches(data, state, 1, args.steps)
     wall, kernels = gpu_kernels(lambda s: multi(s, batch, keys, jnp.int32(args.steps)), (state,), calls=3)
     total = sum(ms for _, ms in kernels.values())
-    print(f"== {args.model} N={args.gaussians} {args.detector}^2: wall {wall / args.steps:.3f} ms/it, "
+    what = (f"{args.trained}: N={int(state.active.sum())} of {state.capacity}" if args.trained else
+            f"{args.model} N={args.gaussians} {args.detector}^2")
+    print(f"== {what}: wall {wall / args.steps:.3f} ms/it, "
           f"GPU kernels {total / args.steps:.3f} ms/it")
     for name, (cnt, ms) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"   {ms / args.steps:8.3f} ms/it  x{cnt / args.steps:6.1f}  {name}")

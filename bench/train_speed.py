@@ -64,25 +64,64 @@ def bench_config(model: str, detector: int, cache: str, backend: str, size: int 
     return c
 
 
-def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
-          donate: bool = True, devices: int = 1, capacity_multiple: int = 0, static_phases: bool = False):
-    """(jitted multi-step, initial state, TrainData, config) of one benchmark case, on the first `devices` devices."""
-    config = bench_config(model, detector, cache, backend, size, per_call, capacity_multiple)
-    case_path = train_lib.resolve_case_path(config)
-    case = load_case(case_path)
-    from x2gs_jax.ct.init_pcd import init_points
-    from x2gs_jax.gaussians import load_init_points
+def trained_config(export: str, per_call: int = 50):
+    """The config of a finished run (its export's meta.json) set up as `bench_config` sets the bench's: straight
+    into the fine stage with the periodic render on, densification off."""
+    import ml_collections
 
-    pts_path = os.path.join(cache, f"init_{model}_s{size}_d{detector}_n{n}.npy")
-    if not os.path.exists(pts_path):
-        np.save(pts_path, init_points(case, n_points=n, density_thresh=config.data.init.density_thresh,
-                                      density_rescale=config.data.init.density_rescale, method="fdk", seed=0))
-    points = load_init_points(pts_path)
-    dyn = train_lib.make_model(config, case)
+    with open(os.path.join(export, "meta.json")) as f:
+        c = ml_collections.ConfigDict(json.load(f)["config"])
+    c.train.coarse_iterations = 0
+    c.loss.periodic_start = 0
+    c.train.steps_per_call = per_call
+    c.densify.enabled = False
+    return c
+
+
+def trained_state(export: str, config, case, dyn):
+    """A TrainState holding a finished run's exported Gaussians and model parameters (its capacity; fresh
+    optimiser state): the step's cost with trained Gaussians (their sizes decide the rasterizer's pairs)."""
+    from x2gs_jax.densify import DensifyStats
+    from x2gs_jax.export import load_export
+    from x2gs_jax.train_state import TrainState
+
+    params, model_state, active, meta = load_export(export, dyn, case)
+    opt = train_lib.build_optimizer(config, params, dyn)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, active=jnp.asarray(active),
+                      opt_state=train_lib.init_opt_state(opt, params), stats=DensifyStats.zeros(active.shape[0]),
+                      model_state=model_state, key=jax.random.PRNGKey(int(config.seed)),
+                      scale_bound=meta["scale_bound"])
+
+
+def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,
+          donate: bool = True, devices: int = 1, capacity_multiple: int = 0, static_phases: bool = False,
+          trained: str = ""):
+    """(jitted multi-step, initial state, TrainData, config) of one benchmark case, on the first `devices` devices.
+    trained: a finished run's export directory: its case, config and Gaussians instead of the FDK-initialised N
+    (model, n, detector, size, backend and capacity_multiple then come from the run)."""
+    dyn = None
+    if trained:
+        config = trained_config(trained, per_call)
+        case = load_case(train_lib.resolve_case_path(config))
+        dyn = train_lib.make_model(config, case)
+        state = trained_state(trained, config, case, dyn)
+    else:
+        config = bench_config(model, detector, cache, backend, size, per_call, capacity_multiple)
+        case = load_case(train_lib.resolve_case_path(config))
+        from x2gs_jax.ct.init_pcd import init_points
+        from x2gs_jax.gaussians import load_init_points
+
+        pts_path = os.path.join(cache, f"init_{model}_s{size}_d{detector}_n{n}.npy")
+        if not os.path.exists(pts_path):
+            np.save(pts_path, init_points(case, n_points=n, density_thresh=config.data.init.density_thresh,
+                                          density_rescale=config.data.init.density_rescale, method="fdk", seed=0))
+        points = load_init_points(pts_path)
+        dyn = train_lib.make_model(config, case)
+        state = train_lib.init_state(config, case, points, dyn)
     par = parallel.Parallel(jax.sharding.Mesh(np.array(jax.devices()[:devices]), (parallel.AXIS,)))
-    state = par.replicate(train_lib.init_state(config, case, points, dyn))
+    state = par.replicate(state)
     data = train_lib.TrainData(case, par)
-    stage = "coarse" if model == "static" else "fine"
+    stage = "coarse" if not dyn.is_4d else "fine"
     max_pairs = train_lib.grown_pair_capacity(par.local(state), data, None)
     # --static-phases: the step of the timed iterations' phase (train.static_phases), not the in-step lax.cond.
     phase = dyn.phase(per_call + 1, stage) if static_phases else None
@@ -104,9 +143,13 @@ def batches(data, state, first_it: int, k: int, views_per_step: int = 1):
 
 def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeats: int, size: int = 128,
              per_call: int = 50, devices: int = 1, views_per_step: int = 1, capacity_multiple: int = 0,
-             static_phases: bool = False) -> dict:
+             static_phases: bool = False, trained: str = "") -> dict:
     multi, state, data, config = build(model, n, detector, cache, backend, size, per_call, devices=devices,
-                                       capacity_multiple=capacity_multiple, static_phases=static_phases)
+                                       capacity_multiple=capacity_multiple, static_phases=static_phases,
+                                       trained=trained)
+    if trained:  # the run's
+        model, n = str(config.model.kind), int(np.asarray(state.active).sum())
+        detector = int(config.data.phantom.detector)
     capacity = int(state.capacity)
     k = int(config.train.steps_per_call)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -131,7 +174,7 @@ def run_case(model: str, n: int, detector: int, cache: str, backend: str, repeat
     med = statistics.median(times)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    return {"model": model, "gaussians": n, "capacity": capacity, "static_phases": static_phases,
+    return {"model": model, "gaussians": n, "capacity": capacity, "static_phases": static_phases, "trained": trained,
             "detector": detector, "backend": backend,
             "devices": devices,
             "views_per_step": views_per_step,
@@ -156,6 +199,8 @@ def main():
     ap.add_argument("--views-per-step", type=int, default=1, help="global batch of views (a multiple of --devices)")
     ap.add_argument("--capacity-multiple", type=int, default=0,
                     help="model.capacity_multiple (0: the config's; 1: buffers of exactly 1.25 N slots, as before)")
+    ap.add_argument("--trained", default="", help="a finished run's export directory (RUN/export): time the fine "
+                    "step on its Gaussians, case and config (the periodic phase) instead of N FDK-initialised ones")
     ap.add_argument("--static-phases", action=argparse.BooleanOptionalAction, default=True,
                     help="the step function of the timed phase (train.static_phases, train.py's default since "
                          "2026-12-04) or, with --no-static-phases, the in-step cond (the figures before that date)")
@@ -165,7 +210,7 @@ def main():
     for n in (int(v) for v in args.gaussians.split(",")):
         r = run_case(args.model, n, args.detector, args.cache, args.backend, args.repeats, args.size,
                      args.steps_per_call, args.devices, args.views_per_step, args.capacity_multiple,
-                     args.static_phases)
+                     args.static_phases, args.trained)
         print(json.dumps(r), flush=True)
         results.append(r)
         if args.json:  # after every case: a cut-off run keeps what it measured

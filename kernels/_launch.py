@@ -130,6 +130,22 @@ def _interpret(kernel, grid, out_shapes, inputs, scalars, zeroed, aliases, meta)
     return jax.pure_callback(host, tuple(out_shapes), *inputs)
 
 
+def _check_signature(kernel, n_positional: int, meta: dict) -> None:
+    """The launch matches the kernel's parameters: every meta key names one of them and the positional arguments
+    fill the rest. Why here: jax-triton rejects an unknown constexpr only when it compiles (on a GPU), while the
+    interpreter ignores it; checked on both, a wrong call fails on a CPU too."""
+    names = list(getattr(kernel, "arg_names", None) or getattr(getattr(kernel, "fn", None), "arg_names", []) or [])
+    if not names:
+        return
+    name = getattr(kernel, "__name__", kernel)
+    unknown = [k for k in meta if k not in names]
+    if unknown:
+        raise TypeError(f"launch of {name}: {unknown} are not parameters of the kernel ({names})")
+    if n_positional + len(meta) != len(names):
+        raise TypeError(f"launch of {name}: {n_positional} arrays/scalars/outputs and {len(meta)} constexprs for "
+                        f"the kernel's {len(names)} parameters {names}")
+
+
 # ---------------------------------------------------------------------------------- public
 def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inputs: jax.Array,
            scalars: Sequence[int] = (), zeroed: Sequence[int] = (), aliases: dict | None = None,
@@ -159,6 +175,7 @@ def launch(kernel, grid: tuple, out_shapes: Sequence[jax.ShapeDtypeStruct], *inp
     if any(not -2**31 <= v < 2**31 for v in scalars):
         raise ValueError(f"launch of {getattr(kernel, '__name__', kernel)}: scalar arguments {scalars} must fit "
                          f"in int32")
+    _check_signature(kernel, len(inputs) + len(scalars) + len(out_shapes), meta)
     if not on_gpu():
         return _interpret(kernel, grid, out_shapes, inputs, scalars, set(zeroed), dict(aliases or {}), meta)
     import jax_triton as jt  # lazy: fails to import without a GPU

@@ -97,9 +97,10 @@ def test_static_phase_equals_the_cond(it):
     for k in t_c:
         np.testing.assert_allclose(np.asarray(t_s[k]), np.asarray(t_c[k]), rtol=1e-6, atol=1e-9, err_msg=k)
     # Two programs, so two fusions and GEMM splits: the CPU agrees to 1e-5 of each gradient's largest entry; on a GPU
-    # the split-K GEMMs and atomic sums reorder more (H200: decoder kernel 7.7e-7 against a largest entry of 0.041,
-    # 1.9e-5 of it), so 1e-4 there.
-    rel = 1e-5 if jax.default_backend() == "cpu" else 1e-4
+    # the split-K GEMMs and the field kernel's atomic plane-gradient sums reorder more (H200: decoder kernel 7.7e-7
+    # against a largest entry of 0.041, 1.9e-5 of it; one plane grid 2.7e-7 against 2.6e-3, 1.03e-4 of it), so 5e-4
+    # there: a wrong phase or branch moves a gradient by its own size.
+    rel = 1e-5 if jax.default_backend() == "cpu" else 5e-4
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_s)[0], jax.tree.leaves(g_c)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) <= rel * scale, jax.tree_util.keystr(path)

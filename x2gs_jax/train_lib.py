@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar = tqdm(total=total, initial=int(state.step), desc="train", dynamic_ncols=True, disable=not writer)
     try:
         while int(state.step) < total:
+            t_host = time.perf_counter()  # the loop's own host work between calls ("host" in the timing record)
             it0 = int(state.step) + 1
             stage = "coarse" if it0 <= coarse_end else "fine"
             if stage == "fine" and it0 == coarse_end + 1:
@@ -276,14 +277,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(its_padded, jnp.int32))
             state = par.replicate(state)  # a no-op unless densification, growth or a stage switch made a new one
             args = (state, data.sharded_batch(views), par.replicate(keys), par.replicate(jnp.int32(len(its))))
+            timer.since("host", t_host)
             if fn_key not in steps:
                 # Compiled ahead of the call (step_functions.py): one `compile` record per step function, which
                 # stage, capacity and pair buffer cost how much.
                 step_fn = steps.get(fn_key, _step_maker(model, config, sc, state, par, stage, max_pairs, stage_end,
                                                         phase), args, it0, compile_record(fn_key, par.n_devices))
                 # A new function started: the next one the loop can foresee compiles meanwhile (if enabled).
+                t_host = time.perf_counter()
                 _prefetch_next(steps, model, config, sc, state, par, args, max_pairs, it0, stage, stage_end,
                                coarse_end, total, static_phases)
+                timer.since("host", t_host)
             else:
                 step_fn = steps[fn_key]
             t0 = time.perf_counter()
@@ -292,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics = jax.device_get(metrics)  # one host transfer per call
             ckpt.poll()  # a background checkpoint save that failed stops the run now, naming its step
             dt = (time.perf_counter() - t0) / len(its)
-            timer.since("steps", t0)
+            t_host = timer.since("steps", t0)
             for k, it in enumerate(its):
                 if not metrics["done"][k]:
                     break
@@ -305,10 +309,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     logger.write(it, rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
                 bar.update(1)
+            timer.since("host", t_host)
             if int(state.step) < end:
                 # The rasterizer needed more (Gaussian, tile) pairs than its static buffer holds: the state stopped
                 # before that iteration, so size the buffer from the current Gaussians and redo from there.
+                t_host = time.perf_counter()
                 max_pairs = grown_pair_capacity(par.local(state), data, max_pairs)
+                timer.since("pair_sizing", t_host)
                 continue
             it = end
             t_phase = time.perf_counter()

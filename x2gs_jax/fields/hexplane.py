@@ -159,12 +159,16 @@ def _corner_rows(plane: jax.Array, u: jax.Array, v: jax.Array):
 
 def _use_kernel(env: str, default: str, module: str) -> bool:
     """Whether a Triton kernel replaces a pure-JAX piece of the field, read at trace time from environment variable
-    `env` (`default` when unset): "xla" = the pure-JAX path; "interpret" = the kernel on any backend (tests: Triton's
-    interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import. The
-    one place where the field's backends are chosen (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
+    `env` (`default` when unset): see `use_kernel`. The one place where the field's backends are chosen
+    (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
+    return use_kernel(os.environ.get(env, default), module)
+
+
+def use_kernel(mode: str, module: str) -> bool:
+    """A kernel switch's meaning: "xla" = the pure-JAX path; "interpret" = the kernel on any backend (tests: Triton's
+    interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import."""
     import importlib
 
-    mode = os.environ.get(env, default)
     if mode == "interpret":
         return True
     if mode != "auto" or jax.default_backend() != "gpu":
