@@ -39,25 +39,32 @@ def _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b3_ptr, F: tl.constexpr, FP
 
 
 @triton.jit
+def _row_block(xb, pid, i, P, M, F: tl.constexpr, FP: tl.constexpr, BM: tl.constexpr):
+    """Block i of program pid's rows: (ok [BM], rows as int64 [BM, 1], x [BM, FP] with zeros past M and F)."""
+    rows = (pid + i * P) * BM + tl.arange(0, BM)
+    ok = rows < M
+    r64 = rows.to(tl.int64)[:, None]
+    fc = tl.arange(0, FP)
+    x = tl.load(xb + r64 * F + fc[None, :], mask=ok[:, None] & (fc < F)[None, :], other=0.0)
+    return ok, r64, x
+
+
+@triton.jit
 def decoder_fwd_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w3_ptr, b3_ptr, M, P, z_ptr,
                        F: tl.constexpr, FP: tl.constexpr, W: tl.constexpr, H: tl.constexpr, O: tl.constexpr,
                        BM: tl.constexpr, ITERS: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # batch offsets in int64: B·M·F may exceed int32
-    fc = tl.arange(0, FP)
     oc = tl.arange(0, O)
     xb = x_ptr + b * M * F
     zb = z_ptr + b * M * O
     for i in range(0, ITERS):  # ITERS = cdiv(cdiv(M, BM), P): blocks past the last are fully masked
-        rows = (pid + i * P) * BM + tl.arange(0, BM)
-        ok = rows < M
+        ok, r64, x = _row_block(xb, pid, i, P, M, F, FP, BM)
         w0, w1, w3, b0, b1, b3 = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b3_ptr, F, FP, W, H, O)
-        x = tl.load(xb + rows.to(tl.int64)[:, None] * F + fc[None, :], mask=ok[:, None] & (fc < F)[None, :],
-                    other=0.0)
         h = tl.dot(x, w0, input_precision=PREC) + b0[None, :]
         y = tl.dot(tl.maximum(h, 0.0), w1, input_precision=PREC) + b1[None, :]
         z = tl.dot(tl.maximum(y, 0.0), w3, input_precision=PREC) + b3[None, :]
-        tl.store(zb + rows.to(tl.int64)[:, None] * O + oc[None, :], z, mask=ok[:, None])
+        tl.store(zb + r64 * O + oc[None, :], z, mask=ok[:, None])
 
 
 @triton.jit
@@ -68,7 +75,6 @@ def decoder_bwd_heads_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w3_ptr, gz_p
     """Recomputes h and y, writes gh = d loss / d h (through the heads only) and the heads' weight gradients."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    fc = tl.arange(0, FP)
     wc = tl.arange(0, W)
     hc = tl.arange(0, H)
     oc = tl.arange(0, O)
@@ -80,12 +86,9 @@ def decoder_bwd_heads_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w3_ptr, gz_p
     gzb = gz_ptr + b * M * O
     ghb = gh_ptr + b * M * W
     for i in range(0, ITERS):  # ITERS = cdiv(cdiv(M, BM), P): blocks past the last are fully masked
-        rows = (pid + i * P) * BM + tl.arange(0, BM)
-        ok = rows < M
-        r64 = rows.to(tl.int64)[:, None]
+        ok, r64, x = _row_block(xb, pid, i, P, M, F, FP, BM)
         # (b3 is not needed here: b1_ptr stands in for it, its first O entries read and unused)
         w0, w1, w3, b0, b1, _ = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b1_ptr, F, FP, W, H, O)
-        x = tl.load(xb + r64 * F + fc[None, :], mask=ok[:, None] & (fc < F)[None, :], other=0.0)
         gz = tl.load(gzb + r64 * O + oc[None, :], mask=ok[:, None], other=0.0)  # rows past M add nothing
         h = tl.dot(x, w0, input_precision=PREC) + b0[None, :]
         a1 = tl.maximum(h, 0.0)
@@ -120,16 +123,12 @@ def decoder_bwd_trunk_kernel(x_ptr, w0_ptr, gh_ptr, M, P, gx_ptr, dw0_ptr, db0_p
     ghb = gh_ptr + b * M * W
     gxb = gx_ptr + b * M * F
     for i in range(0, ITERS):  # ITERS = cdiv(cdiv(M, BM), P): blocks past the last are fully masked
-        rows = (pid + i * P) * BM + tl.arange(0, BM)
-        ok = rows < M
-        r64 = rows.to(tl.int64)[:, None]
-        fok = ok[:, None] & (fc < F)[None, :]
-        x = tl.load(xb + r64 * F + fc[None, :], mask=fok, other=0.0)
+        ok, r64, x = _row_block(xb, pid, i, P, M, F, FP, BM)
         gh = tl.load(ghb + r64 * W + wc[None, :], mask=ok[:, None], other=0.0)
         dw0 = tl.dot(tl.trans(x), gh, dw0, input_precision=PREC)
         db0 += tl.sum(gh, axis=0)
         gx = tl.dot(gh, tl.trans(_mat(w0_ptr, F, W, FP)), input_precision=PREC)
-        tl.store(gxb + r64 * F + fc[None, :], gx, mask=fok)
+        tl.store(gxb + r64 * F + fc[None, :], gx, mask=ok[:, None] & (fc < F)[None, :])
     part = b * P + pid
     tl.store(dw0_ptr + part * FP * W + fc[:, None] * W + wc[None, :], dw0)
     tl.store(db0_ptr + part * W + wc, db0)

@@ -133,15 +133,22 @@ def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, C, P, 
 
 
 @triton.jit
-def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
-    """Six moments per pair of the upstream-weighted footprint, pixels on axis 0 (a per-pair sum is then a
-    reduction inside each thread plus one across warps), added into mom[b, g, 0:6] with relaxed atomics."""
+def _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup):
+    """(δx, δy, Gg) [256, BLOCK_G] of the backward: the footprint G = exp(E) where the forward kept the pair (E ≤ 0,
+    α ≥ 1e-5), times the pixel's upstream gradient g; 0 elsewhere."""
     dx = mx[None, :] - px[:, None]
     dy = my[None, :] - py[:, None]
     power = -0.5 * (ca[None, :] * dx * dx + cc[None, :] * dy * dy) - cb[None, :] * dx * dy
     gauss = tl.exp(tl.minimum(power, 0.0))
     keep = ok[None, :] & (power <= 0.0) & (w[None, :] * gauss >= 1e-5)
-    gg = tl.where(keep, gauss * gup[:, None], 0.0)
+    return dx, dy, tl.where(keep, gauss * gup[:, None], 0.0)
+
+
+@triton.jit
+def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
+    """Six moments per pair of the upstream-weighted footprint, pixels on axis 0 (a per-pair sum is then a
+    reduction inside each thread plus one across warps), added into mom[b, g, 0:6] with relaxed atomics."""
+    dx, dy, gg = _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup)
     gx = gg * dx
     gy = gg * dy
     out = mom_ptr + (b * C + g) * 8
@@ -165,12 +172,7 @@ def _bwd_eval_dot(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox
     coordinates keep the expansion's cancellation small (about the tile's corner instead, gradients of large
     Gaussians lost up to 25x more to rounding than the reduce variant's; centred, as little:
     tests/test_triton_parity.py)."""
-    dx = mx[None, :] - px[:, None]
-    dy = my[None, :] - py[:, None]
-    power = -0.5 * (ca[None, :] * dx * dx + cc[None, :] * dy * dy) - cb[None, :] * dx * dy
-    gauss = tl.exp(tl.minimum(power, 0.0))
-    keep = ok[None, :] & (power <= 0.0) & (w[None, :] * gauss >= 1e-5)
-    gg = tl.where(keep, gauss * gup[:, None], 0.0)
+    _, _, gg = _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup)
     sm = tl.dot(tl.trans(gg), phi, input_precision=PREC)  # [BLOCK_G, 16]
     col = tl.arange(0, 16)[None, :]
     s0 = tl.sum(tl.where(col == 0, sm, 0.0), axis=1)
