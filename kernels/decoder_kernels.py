@@ -30,12 +30,12 @@ def _mat(ptr, R: tl.constexpr, C: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b3_ptr, F: tl.constexpr, FP: tl.constexpr, W: tl.constexpr,
+def _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, F: tl.constexpr, FP: tl.constexpr, W: tl.constexpr,
              H: tl.constexpr, O: tl.constexpr):
-    """The packed weights and biases. Loaded inside the row loop (L1/L2 hits after the first block), not once
-    before it: ~28k floats held across the loop would take most of a program's registers."""
+    """The packed weights and the first two biases. Loaded inside the row loop (L1/L2 hits after the first block),
+    not once before it: ~28k floats held across the loop would take most of a program's registers."""
     return (_mat(w0_ptr, F, W, FP), _mat(w1_ptr, W, H, W), _mat(w3_ptr, H, O, H), tl.load(b0_ptr + tl.arange(0, W)),
-            tl.load(b1_ptr + tl.arange(0, H)), tl.load(b3_ptr + tl.arange(0, O)))
+            tl.load(b1_ptr + tl.arange(0, H)))
 
 
 @triton.jit
@@ -60,7 +60,8 @@ def decoder_fwd_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w3_ptr, b3_ptr, M,
     zb = z_ptr + b * M * O
     for i in range(0, ITERS):  # ITERS = cdiv(cdiv(M, BM), P): blocks past the last are fully masked
         ok, r64, x = _row_block(xb, pid, i, P, M, F, FP, BM)
-        w0, w1, w3, b0, b1, b3 = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b3_ptr, F, FP, W, H, O)
+        w0, w1, w3, b0, b1 = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, F, FP, W, H, O)
+        b3 = tl.load(b3_ptr + oc)
         h = tl.dot(x, w0, input_precision=PREC) + b0[None, :]
         y = tl.dot(tl.maximum(h, 0.0), w1, input_precision=PREC) + b1[None, :]
         z = tl.dot(tl.maximum(y, 0.0), w3, input_precision=PREC) + b3[None, :]
@@ -87,8 +88,7 @@ def decoder_bwd_heads_kernel(x_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr, w3_ptr, gz_p
     ghb = gh_ptr + b * M * W
     for i in range(0, ITERS):  # ITERS = cdiv(cdiv(M, BM), P): blocks past the last are fully masked
         ok, r64, x = _row_block(xb, pid, i, P, M, F, FP, BM)
-        # (b3 is not needed here: b1_ptr stands in for it, its first O entries read and unused)
-        w0, w1, w3, b0, b1, _ = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, b1_ptr, F, FP, W, H, O)
+        w0, w1, w3, b0, b1 = _weights(w0_ptr, w1_ptr, w3_ptr, b0_ptr, b1_ptr, F, FP, W, H, O)
         gz = tl.load(gzb + r64 * O + oc[None, :], mask=ok[:, None], other=0.0)  # rows past M add nothing
         h = tl.dot(x, w0, input_precision=PREC) + b0[None, :]
         a1 = tl.maximum(h, 0.0)
