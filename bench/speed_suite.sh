@@ -19,12 +19,10 @@
 #   ref64bg      ref64's last two runs only
 #   default      train.py (the default 128³ run) + eval.py
 #   defaultbg    train.py (the default run) alone with train.background_compile and initial_capacity_factor=5.1
-#   decoder      the fused Triton decoder (X2GS_DECODER=auto) against the split one at 200k / 256², and at 512²
-#   trained      the fine step (periodic phase) on the trained Gaussians of defaultbg's run: timed (today's defaults,
-#                the raster backward's X2GS_RASTER_BWD=dot, the fused decoder X2GS_DECODER=auto) and profiled
-# Environment variables pass through (e.g. X2GS_DECODER=auto bash bench/speed_suite.sh OUT ref64bg).
+#   trained      the fine step (periodic phase) on the trained Gaussians of defaultbg's run, timed and profiled
+# Environment variables pass through (e.g. X2GS_DECODER=fused bash bench/speed_suite.sh OUT ref64bg).
 # H200 device time (2026-12-04 figures): field ~1 min, step ~6 min, profile ~2 min, ref64 ~8 min, ref64bg ~4 min,
-# default ~8 min, defaultbg ~6.5 min, trained ~2.5 min, decoder ~2 min.
+# default ~8 min, defaultbg ~6.5 min, trained ~1.5 min.
 # Every case gets its own empty compilation cache (X2GS_COMPILE_CACHE), so each first call compiles cold.
 # Results: OUT_DIR/*.json, *.log and OUT_DIR/runs/<case>/ (bench/x2_runs.sh's copies).
 set -uo pipefail
@@ -81,15 +79,9 @@ for c in "${cases[@]}"; do
       ts small96 -- --gaussians 150000 --detector 96
       ts d256 -- --gaussians 200000 --detector 256
       ts autotune0 XLA_FLAGS=--xla_gpu_autotune_level=0 -- --gaussians 200000 --detector 512 ;;
-    decoder)  # the fused Triton decoder (X2GS_DECODER=auto) against today's default, back to back
-      ts d256_split X2GS_DECODER=split -- --gaussians 200000 --detector 256
-      ts d256_triton X2GS_DECODER=auto -- --gaussians 200000 --detector 256
-      ts d512_triton X2GS_DECODER=auto -- --gaussians 200000 --detector 512 ;;  # split: the step case's default
     trained)  # the fine step on the Gaussians of the defaultbg run (run that case first), timed and profiled
       ex=runs/speed_default_background_cap5/export
       ts trained -- --trained "$ex" --gaussians 0
-      ts trained_raster_dot X2GS_RASTER_BWD=dot -- --trained "$ex" --gaussians 0
-      ts trained_decoder X2GS_DECODER=auto -- --trained "$ex" --gaussians 0
       X2GS_COMPILE_CACHE="$cc/trained" python bench/profile_step.py --trained "$ex" --hlo auto \
         > "$out/profile_trained.log" 2>&1 || echo "profile (trained) failed"
       head -34 "$out/profile_trained.log" ;;

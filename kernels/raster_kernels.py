@@ -133,22 +133,15 @@ def raster_fwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, init_ptr, C, P, 
 
 
 @triton.jit
-def _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup):
-    """(δx, δy, Gg) [256, BLOCK_G] of the backward: the footprint G = exp(E) where the forward kept the pair (E ≤ 0,
-    α ≥ 1e-5), times the pixel's upstream gradient g; 0 elsewhere."""
+def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
+    """Six moments per pair of the upstream-weighted footprint, pixels on axis 0 (a per-pair sum is then a
+    reduction inside each thread plus one across warps), added into mom[b, g, 0:6] with relaxed atomics."""
     dx = mx[None, :] - px[:, None]
     dy = my[None, :] - py[:, None]
     power = -0.5 * (ca[None, :] * dx * dx + cc[None, :] * dy * dy) - cb[None, :] * dx * dy
     gauss = tl.exp(tl.minimum(power, 0.0))
     keep = ok[None, :] & (power <= 0.0) & (w[None, :] * gauss >= 1e-5)
-    return dx, dy, tl.where(keep, gauss * gup[:, None], 0.0)
-
-
-@triton.jit
-def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
-    """Six moments per pair of the upstream-weighted footprint, pixels on axis 0 (a per-pair sum is then a
-    reduction inside each thread plus one across warps), added into mom[b, g, 0:6] with relaxed atomics."""
-    dx, dy, gg = _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup)
+    gg = tl.where(keep, gauss * gup[:, None], 0.0)
     gx = gg * dx
     gy = gg * dy
     out = mom_ptr + (b * C + g) * 8
@@ -161,55 +154,12 @@ def _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C):
 
 
 @triton.jit
-def _bwd_eval_dot(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, PREC: tl.constexpr):
-    """`_bwd_eval`'s six moments from one tl.dot: S [BLOCK_G, 16] = Ggᵀ [BLOCK_G, 256] · phi [256, 16], phi's columns
-    the pixel functions (1, u, v, u², uv, v², 0, ...) about the tile's centre (ox, oy) (u = px − ox, v = py − oy in
-    −7.5..7.5), then per pair, with a = mx − ox, c = my − oy (so δx = a − u, δy = c − v):
-      Σ Gg = S0, Σ Gg δx = a S0 − S1, Σ Gg δy = c S0 − S2, Σ Gg δx² = a² S0 − 2a S1 + S3,
-      Σ Gg δx δy = a c S0 − a S2 − c S1 + S4, Σ Gg δy² = c² S0 − 2c S2 + S5.
-    Why: the pixel sums become tensor-core products instead of six cross-thread reductions of [256, BLOCK_G] tiles
-    and five elementwise products (X2GS_RASTER_BWD=dot, an A/B). PREC "tf32x3" keeps float32 accuracy; centred
-    coordinates keep the expansion's cancellation small (about the tile's corner instead, gradients of large
-    Gaussians lost up to 25x more to rounding than the reduce variant's; centred, as little:
-    tests/test_triton_parity.py)."""
-    _, _, gg = _weighted_footprint(ok, mx, my, ca, cb, cc, w, px, py, gup)
-    sm = tl.dot(tl.trans(gg), phi, input_precision=PREC)  # [BLOCK_G, 16]
-    col = tl.arange(0, 16)[None, :]
-    s0 = tl.sum(tl.where(col == 0, sm, 0.0), axis=1)
-    s1 = tl.sum(tl.where(col == 1, sm, 0.0), axis=1)
-    s2 = tl.sum(tl.where(col == 2, sm, 0.0), axis=1)
-    s3 = tl.sum(tl.where(col == 3, sm, 0.0), axis=1)
-    s4 = tl.sum(tl.where(col == 4, sm, 0.0), axis=1)
-    s5 = tl.sum(tl.where(col == 5, sm, 0.0), axis=1)
-    a = mx - ox
-    c = my - oy
-    out = mom_ptr + (b * C + g) * 8
-    tl.atomic_add(out + 0, s0, mask=ok, sem="relaxed")
-    tl.atomic_add(out + 1, a * s0 - s1, mask=ok, sem="relaxed")
-    tl.atomic_add(out + 2, c * s0 - s2, mask=ok, sem="relaxed")
-    tl.atomic_add(out + 3, a * a * s0 - 2.0 * a * s1 + s3, mask=ok, sem="relaxed")
-    tl.atomic_add(out + 4, a * c * s0 - a * s2 - c * s1 + s4, mask=ok, sem="relaxed")
-    tl.atomic_add(out + 5, c * c * s0 - 2.0 * c * s2 + s5, mask=ok, sem="relaxed")
-
-
-@triton.jit
-def _bwd_any(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, DOT: tl.constexpr,
-             PREC: tl.constexpr):
-    if DOT:
-        _bwd_eval_dot(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, PREC)
-    else:
-        _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
-
-
-@triton.jit
 def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, C, P, SPLIT, mom_ptr,
                       T: tl.constexpr, GX: tl.constexpr, W: tl.constexpr, H: tl.constexpr,
-                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr, DOT: tl.constexpr,
-                      PREC: tl.constexpr):
+                      BLOCK_G: tl.constexpr, SUB: tl.constexpr, INTERP: tl.constexpr):
     """One program per (tile, split part, view): per pair of the part, (Σ Gg, Σ Gg δx, Σ Gg δy, Σ Gg δx²,
     Σ Gg δx δy, Σ Gg δy²) over the tile's contributing pixels (G = exp(E), g = ∂L/∂I), added into mom[b, g, 0:6]
-    (zeroed before); §6.1's per-Gaussian sums are linear in them. Same pair walk as the forward. DOT: the pixel
-    sums as one tl.dot per chunk at PREC (`_bwd_eval_dot`) instead of six reductions."""
+    (zeroed before); §6.1's per-Gaussian sums are linear in them. Same pair walk as the forward."""
     t = tl.program_id(0) // SPLIT
     s = tl.program_id(0) % SPLIT
     b = tl.program_id(1)
@@ -218,14 +168,6 @@ def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, C, P, 
     py = pyi.to(tl.float32)
     inside = (pxi < W) & (pyi < H)
     gup = tl.load(gimg_ptr + b * (H * W) + pyi * W + pxi, mask=inside, other=0.0)
-    ox = ((t % GX) * 16).to(tl.float32) + 7.5  # the tile's centre: pixels at ox - 7.5 .. ox + 7.5
-    oy = ((t // GX) * 16).to(tl.float32) + 7.5
-    u = px - ox
-    v = py - oy
-    k16 = tl.arange(0, 16)[None, :]
-    phi = (tl.where(k16 == 0, 1.0, 0.0) + tl.where(k16 == 1, u[:, None], 0.0) + tl.where(k16 == 2, v[:, None], 0.0)
-           + tl.where(k16 == 3, (u * u)[:, None], 0.0) + tl.where(k16 == 4, (u * v)[:, None], 0.0)
-           + tl.where(k16 == 5, (v * v)[:, None], 0.0))  # [256, 16]; only read when DOT
     start = tl.load(tstart_ptr + b * (T * SUB + 1) + t * SUB)
     end = tl.load(tstart_ptr + b * (T * SUB + 1) + (t + 1) * SUB)
     if end <= P:
@@ -236,14 +178,14 @@ def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, C, P, 
             while k < hi:
                 ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
-                _bwd_any(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, DOT, PREC)
+                _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
                 k += BLOCK_G
         else:
             for k in range(lo, hi, BLOCK_G):
                 ok2, g2, mx2, my2, ca2, cb2, cc2, w2 = _pairs(params_ptr, gid_ptr, b, k + BLOCK_G, hi, C, P,
                                                               BLOCK_G)
-                _bwd_any(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, DOT, PREC)
+                _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 ok, g, mx, my, ca, cb, cc, w = ok2, g2, mx2, my2, ca2, cb2, cc2, w2
     else:
         ty = t // GX
@@ -253,9 +195,9 @@ def raster_bwd_kernel(params_ptr, box_ptr, tstart_ptr, gid_ptr, gimg_ptr, C, P, 
             c0 = c_lo
             while c0 < c_hi:
                 ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
-                _bwd_any(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, DOT, PREC)
+                _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)
                 c0 += BLOCK_G
         else:
             for c0 in range(c_lo, c_hi, BLOCK_G):
                 ok, g, mx, my, ca, cb, cc, w = _members(params_ptr, box_ptr, b, c0, c_hi, ty, tx, C, BLOCK_G)
-                _bwd_any(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, phi, ox, oy, C, DOT, PREC)
+                _bwd_eval(mom_ptr, b, ok, g, mx, my, ca, cb, cc, w, px, py, gup, C)

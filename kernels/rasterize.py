@@ -70,23 +70,11 @@ def _render_op(st: _Static, c: int):
     return merge_batch(run)
 
 
-def _bwd_variant() -> str:
-    """X2GS_RASTER_BWD, read at trace time: "reduce" (default: six reductions over each chunk's pixels) or "dot" (the
-    pixel sums as one tensor-core product per chunk, `raster_kernels._bwd_eval_dot`; an A/B not yet timed)."""
-    import os
-
-    mode = os.environ.get("X2GS_RASTER_BWD", "reduce")
-    if mode not in ("reduce", "dot"):
-        raise ValueError(f"X2GS_RASTER_BWD={mode!r}: expected reduce or dot")
-    return mode
-
-
 def _moments_op(st: _Static, c: int):
     """(params, box, tstart, gids, g_image [B,H,W]) → moments [B,C,8] (six used) of §6.1 per Gaussian."""
     from kernels import raster_kernels as rk  # lazy: imports triton
 
     gx, n_tiles = _grid(st)
-    dot = _bwd_variant() == "dot"
 
     def run(params, box, tstart, gids, g_image):
         b = params.shape[0]
@@ -94,7 +82,7 @@ def _moments_op(st: _Static, c: int):
         (mom,) = launch(rk.raster_bwd_kernel, (n_tiles * split, b), [jax.ShapeDtypeStruct((b, c, 8), jnp.float32)],
                         params, box, tstart, gids, g_image, scalars=(c, st.capacity, split), zeroed=(0,),
                         num_warps=NUM_WARPS_BWD, T=n_tiles, GX=gx, W=st.width, H=st.height, BLOCK_G=BLOCK_G_BWD,
-                        SUB=SUB, INTERP=not on_gpu(), DOT=dot, PREC="tf32x3" if on_gpu() else "ieee")
+                        SUB=SUB, INTERP=not on_gpu())
         return mom
 
     return merge_batch(run)

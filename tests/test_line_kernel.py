@@ -102,6 +102,22 @@ def test_unknown_line_kernel_variant_is_refused(monkeypatch):
         _kernel(np.zeros(3), np.zeros(3, np.int32), np.zeros(3, np.float32), np.ones((3, 2), np.float32), 4)
 
 
+def test_a_launch_that_does_not_match_the_kernel_fails_on_any_backend():
+    """kernels._launch checks each call against the kernel's parameters (jax-triton only would, when it compiles on
+    a GPU; the interpreter ignores an unknown constexpr)."""
+    from kernels import line_kernels as lk
+    from kernels._launch import launch
+
+    ins = (jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4), jnp.float32),
+           jnp.zeros((1, 4, 2), jnp.float32))
+    out = [jax.ShapeDtypeStruct((1, 3, 2), jnp.float32)]
+    meta = dict(C=2, CP=2, CHUNK=4, SUB=4, S=4, DOT=False, PREC="ieee")
+    with pytest.raises(TypeError, match=r"\['H'\] are not parameters"):
+        launch(lk.line_grad_kernel, (1, 1), out, *ins, scalars=(4, 3), H=16, **meta)
+    with pytest.raises(TypeError, match="constexprs for the kernel's"):
+        launch(lk.line_grad_kernel, (1, 1), out, *ins[:3], scalars=(4, 3), **meta)
+
+
 def _time_grads(plane, u, g_t, cot, vmap_times):
     loss = lambda p, uu, t: jnp.sum(hexplane.sample_time_plane(p, uu, t) * cot)
     if vmap_times:  # two times per step (the training step's case): u unbatched, the cotangent batched

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from x2gs_jax.fields import hexplane
-from x2gs_jax.fields.decoder import HEADS, DeformationDecoder, decode_fused, num_decoder_params
+from x2gs_jax.fields.decoder import DeformationDecoder, decode_fused, num_decoder_params
 from x2gs_jax.gaussians import Gaussians
 
 
@@ -131,31 +131,18 @@ def deformation_offsets(params: Mapping[str, Any], xyz: jax.Array, t, config=Non
     cfg = DeformationConfig.from_config(config)
     f = hexplane.hexplane_features(params["grid"], xyz, t, bounds=cfg.bounds, time_mapping=cfg.time_mapping,
                                    remat=cfg.remat)
-    mode = _decoder_mode(params["deformation"], cfg)
-    if mode == "triton":
-        from kernels.decoder import decode  # GPU: one fused kernel forward, two backward
-
-        return decode(params["deformation"], f, HEADS)
-    if mode == "fused":
+    if _fused_decoder():
         return decode_fused(params["deformation"], f, cfg.defor_depth)
     return _decoder(cfg).apply({"params": params["deformation"]}, f)
 
 
-def _decoder_mode(dec_params, cfg: DeformationConfig) -> str:
-    """The decoder's backend, the one place it is chosen; X2GS_DECODER, read at trace time:
-    "split" (default: one product per layer and head, as the module), "fused" (`decode_fused`: the heads' products
-    merged; pure JAX), "triton" (kernels/decoder.py on any backend: Triton's interpreter on a CPU, small sizes only),
-    "auto" (the Triton kernels on a GPU where jax_triton imports, else split). The kernels take depth 1 only: any
-    other decoder is split."""
+def _fused_decoder() -> bool:
+    """X2GS_DECODER, read at trace time: "split" (default: one product per layer and head, as the module) or "fused"
+    (`decode_fused`: the heads' products merged; an A/B: −2 % on an H200, within the noise, BENCHMARKS.md)."""
     mode = os.environ.get("X2GS_DECODER", "split")
-    if mode not in ("split", "fused", "triton", "auto"):
-        raise ValueError(f"X2GS_DECODER={mode!r}: expected split, fused, triton or auto")
-    if mode in ("triton", "auto"):
-        kernel = hexplane.use_kernel("interpret" if mode == "triton" else "auto", "kernels.decoder")
-        from kernels.decoder import supported  # no triton import: the launcher imports it lazily
-
-        return "triton" if kernel and supported(dec_params, HEADS, cfg.defor_depth) else "split"
-    return mode
+    if mode not in ("split", "fused"):
+        raise ValueError(f"X2GS_DECODER={mode!r}: expected split or fused")
+    return mode == "fused"
 
 
 def apply_offsets(canonical: Gaussians, dx: Optional[jax.Array], ds: Optional[jax.Array],

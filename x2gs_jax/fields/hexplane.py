@@ -159,16 +159,12 @@ def _corner_rows(plane: jax.Array, u: jax.Array, v: jax.Array):
 
 def _use_kernel(env: str, default: str, module: str) -> bool:
     """Whether a Triton kernel replaces a pure-JAX piece of the field, read at trace time from environment variable
-    `env` (`default` when unset): see `use_kernel`. The one place where the field's backends are chosen
-    (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
-    return use_kernel(os.environ.get(env, default), module)
-
-
-def use_kernel(mode: str, module: str) -> bool:
-    """A kernel switch's meaning: "xla" = the pure-JAX path; "interpret" = the kernel on any backend (tests: Triton's
-    interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import."""
+    `env` (`default` when unset): "xla" = the pure-JAX path; "interpret" = the kernel on any backend (tests: Triton's
+    interpreter on a CPU, small sizes only); "auto" = the kernel on a GPU where `module` and jax_triton import. The
+    one place where the field's backends are chosen (`_triton_scatter`, `_triton_field`, `_triton_time_line`)."""
     import importlib
 
+    mode = os.environ.get(env, default)
     if mode == "interpret":
         return True
     if mode != "auto" or jax.default_backend() != "gpu":
@@ -304,7 +300,7 @@ def _sample_time(plane, u, g_t, perm):
 def _time_line(r0, r1, fj):
     """The time-interpolated row as [R_a, C] (one row per node: a point's C channels are contiguous).
 
-    X2GS_TIME_LINE_BARRIER=1 (read at trace time; an A/B, not yet timed on a GPU): the line goes through
+    X2GS_TIME_LINE_BARRIER=1 (read at trace time; an A/B: −2 % on an H200, within the noise): the line goes through
     `lax.optimization_barrier`, so XLA materialises it before the gathers. Why: in the H200 profile of 2026-12-04
     XLA had fused the transpose into the gather fusion as a [C, R_a]-ordered bitcast, so each point's 32-channel
     gather read 32 lines 256 B apart (the periodic render's forward time product: 1.18 ms for a ~0.13 ms floor)."""
