@@ -19,10 +19,14 @@
 #   ref64bg      ref64's last two runs only
 #   default      train.py (the default 128³ run) + eval.py
 #   defaultbg    train.py (the default run) alone with train.background_compile and initial_capacity_factor=5.1
+#   ref64plain   train.py :ref64 with the shipped defaults only (no buffer sizing flag), twice on one compilation
+#                cache (cold, then repeated)
+#   defaultplain train.py (the default run) with the shipped defaults only
 #   trained      the fine step (periodic phase) on the trained Gaussians of defaultbg's run, timed and profiled
 # Environment variables pass through (e.g. X2GS_DECODER=fused bash bench/speed_suite.sh OUT ref64bg).
 # H200 device time (2026-12-04 figures): field ~1 min, step ~6 min, profile ~2 min, ref64 ~8 min, ref64bg ~4 min,
-# default ~8 min, defaultbg ~6.5 min, trained ~1.5 min.
+# default ~8 min, defaultbg ~6.5 min, trained ~1.5 min,
+# ref64plain ~4 min, defaultplain ~6.5 min.
 # Every case gets its own empty compilation cache (X2GS_COMPILE_CACHE), so each first call compiles cold.
 # Results: OUT_DIR/*.json, *.log and OUT_DIR/runs/<case>/ (bench/x2_runs.sh's copies).
 set -uo pipefail
@@ -104,6 +108,11 @@ for c in "${cases[@]}"; do
       X2GS_COMPILE_CACHE="$cc/default" bash bench/x2_runs.sh "$out/runs" default ;;
     defaultbg)  # the default run alone (train.py), background compile with the first buffers sized
       trainrun "" background_cap5 defbg "$BG" ;;
+    ref64plain)  # what a user gets: no flags; the second run on the first's compilation cache
+      r64 plain r64plain ""
+      r64 plain_repeat r64plain "" ;;
+    defaultplain)
+      trainrun "" plain defplain "" ;;
     *) echo "unknown case $c" >&2 ;;
   esac
 done

@@ -72,7 +72,7 @@ def test_one_real_training_step(tiny, step):
     assert float(metrics["loss"]) == pytest.approx(expect, rel=1e-5)
 
 
-def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(tiny):
+def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(tiny, caplog):
     """Evaluations at different states share one compiled volume query and one view renderer (the state is an
     argument, not a closure constant), and their results follow the state."""
     config, case, points, _ = tiny
@@ -88,6 +88,8 @@ def test_in_training_evaluation_compiles_once_and_takes_the_state_as_arguments(t
     for fn in fns.values():
         assert fn._cache_size() == 1  # one compilation served both evaluations
     assert not np.allclose(r1["volumes"], r2["volumes"])
+    _, compiled = _compiled_programs(caplog, lambda: train_lib.evaluate(moved, model, case, config, "coarse", cache))
+    assert compiled == [], compiled  # a later evaluation compiles nothing (the val cameras are kept too)
     r3 = train_lib.evaluate(moved, model, case, config, "coarse")  # no cache: fresh compile, same numbers
     if jax.default_backend() == "cpu":
         np.testing.assert_array_equal(r2["volumes"], r3["volumes"])
@@ -387,6 +389,25 @@ def test_growing_the_buffers_compiles_one_program(tiny, caplog):
     for k in ("xyz", "scaling", "rotation", "density"):
         np.testing.assert_array_equal(np.asarray(grown.params[k])[:state.capacity], np.asarray(state.params[k]))
     assert not np.any(np.asarray(grown.active)[state.capacity:])
+
+
+def test_pair_sizing_is_one_program_and_counts_the_worst_sampled_view(tiny, caplog):
+    """grown_pair_capacity: twice the largest pair count over 16 spread training views, rounded up to a power of
+    two, from one compiled program (run eagerly, every op of the count compiled its own at each capacity)."""
+    from x2gs_jax.render.rasterize_ref import count_pairs, pair_capacity
+
+    config, case, points, _ = tiny
+    model = train_lib.StaticModel()
+    state = train_lib.init_state(config, case, points, model)
+    data = train_lib.TrainData(case)
+    got, compiled = _compiled_programs(caplog, lambda: train_lib.grown_pair_capacity(state, data, None))
+    assert len(compiled) <= 1, compiled
+    g = state.gaussians()
+    idx = np.unique(np.linspace(0, data.n_train - 1, min(16, data.n_train)).astype(int))
+    worst = max(int(count_pairs(g.get_xyz(), g.get_scale(), g.get_rotation(), g.get_density(),
+                                jax.tree.map(lambda x, i=i: x[i], data.cameras))) for i in idx)
+    assert got == pair_capacity(2 * worst)
+    assert train_lib.grown_pair_capacity(state, data, got) == 2 * got  # a growth at least doubles
 
 
 def test_initial_capacity_is_a_rounded_multiple_that_doubling_keeps():

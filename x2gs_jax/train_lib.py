@@ -43,6 +43,7 @@ from x2gs_jax.run_log import NullLogger, PhaseTimer, RunLogger, eval_images
 from x2gs_jax.run_state import (build_optimizer, densify_step, grow_state, grown_capacity, init_opt_state, init_state,
                                 scale_bound_from_config, template_state)
 from x2gs_jax.step_functions import StepFunctions, abstract, compile_record, next_switch, phase_change
+from x2gs_jax.train_data import TrainData, grown_pair_capacity, iteration_keys, view_index
 from x2gs_jax.train_state import GAUSSIAN_KEYS, TrainState, gaussians_from_params
 from x2gs_jax.train_step import (NONFINITE_PREFIX, StepSettings, call_length, is_densify_iteration,
                                  make_multi_step, make_train_step)
@@ -58,59 +59,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------------- orchestration
-def view_index(iteration: int, stage_start: int, n_views: int, seed: int) -> int:
-    """Epoch-wise sampling without replacement (the reference's popped stack), as a pure function of the
-    iteration so that a resumed run draws exactly the same views: iteration i of a stage that started at
-    `stage_start` uses permutation(epoch) at position (i - stage_start) mod n."""
-    k = iteration - stage_start
-    epoch, pos = divmod(k, n_views)
-    perm = np.random.default_rng([seed, stage_start, epoch]).permutation(n_views)
-    return int(perm[pos])
-
-
-class TrainData:
-    """Device-resident training data: scene-scaled projections, stacked cameras, times.
-
-    With a `parallel.Parallel`, every local device of the mesh holds a copy (each gathers its own views of a step:
-    `sharded_batch`); `images`, `cameras` and `times` are then the copy on the first one."""
-
-    def __init__(self, case: Case, par: Optional[parallel.Parallel] = None):
-        sc = case.scanner
-        self.scanner = sc
-        self.n_train = len(case.train)
-        self.images = jnp.asarray(case.train.projections * sc.scene_scale, jnp.float32)
-        # One compiled program (eagerly, each op of the camera construction compiled its own).
-        self.cameras = jax.jit(jax.vmap(sc.camera))(jnp.asarray(case.train.angles, jnp.float32))
-        times = case.train.times if case.train.times is not None else np.zeros(self.n_train)
-        self.times = jnp.asarray(times, jnp.float32)
-        self._par = par
-        if par is not None:
-            self._replicas = par.per_device({"image": self.images, "camera": self.cameras, "time": self.times})
-            first = self._replicas[0]
-            self.images, self.cameras, self.times = first["image"], first["camera"], first["time"]
-
-    def batch(self, indices) -> dict:
-        idx = jnp.asarray(indices, jnp.int32)
-        return {"image": self.images[idx], "camera": jax.tree.map(lambda x: x[idx], self.cameras),
-                "time": self.times[idx]}
-
-    def sharded_batch(self, views) -> dict:
-        """The batches of views [K, B] as arrays [K, B, ...] split over the mesh (needs `par`)."""
-        return self._par.gather_views(self._replicas, views)
-
-
-def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[int], views: int = 16) -> int:
-    """A power-of-two pair capacity with 2x headroom over the worst of a spread of training views."""
-    from x2gs_jax.render.rasterize_ref import count_pairs, pair_capacity
-
-    g = state.gaussians()
-    args = (g.get_xyz(), g.get_scale(), g.get_rotation(), g.get_density())
-    idx = np.unique(np.linspace(0, data.n_train - 1, min(views, data.n_train)).astype(int))
-    counts = jax.vmap(lambda cam: count_pairs(*args, cam))(jax.tree.map(lambda x: x[idx], data.cameras))
-    needed = pair_capacity(2 * int(jnp.max(counts)))
-    return max(needed, 2 * current) if current else needed
-
-
 def step_settings(config, scanner, stage: str, max_pairs, stage_end: Optional[int] = None,
                   phase: Optional[int] = None) -> StepSettings:
     """The static settings of a stage's step function; stage_end: its last iteration (default from the config:
@@ -135,7 +83,8 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache
     (`volumes` [P, nx, ny, nz]) and the first val rendering (`val_pred0` [H, W], scene-scaled) the caller pops.
 
     The state enters the compiled functions as arguments (never as closure constants) and `jit_cache` (owned
-    by the training loop) keeps them, so every evaluation of a stage at the same capacity reuses one compile."""
+    by the training loop) keeps them (per stage) and the val cameras, so every evaluation of a stage at the same
+    capacity reuses one compile and a later one compiles nothing."""
     sc = case.scanner
     inputs = (state.params, state.active, state.model_state)
 
@@ -153,7 +102,11 @@ def evaluate(state: TrainState, model, case: Case, config, stage: str, jit_cache
     report = E.volume_report(case.volumes, vols if case.is_4d else vols[0])
     n_val = min(len(case.val), config.eval.max_val_views)
     if n_val > 0:
-        cams = jax.jit(jax.vmap(sc.camera))(jnp.asarray(case.val.angles[:n_val], jnp.float32))
+        cams = None if jit_cache is None else jit_cache.get("val_cameras")
+        if cams is None:  # once per run: a new jax.jit(...) here compiled again at every evaluation
+            cams = jax.jit(jax.vmap(sc.camera))(jnp.asarray(case.val.angles[:n_val], jnp.float32))
+            if jit_cache is not None:
+                jit_cache["val_cameras"] = cams
         vt = case.val.times[:n_val] if case.val.times is not None else np.zeros(n_val)
         pred = E.render_views(gaussians_at, cams, vt, backend=config.render.backend, params=inputs,
                               jit_cache=stage_cache)
@@ -274,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             views = np.array([[view_index((it - 1) * B + j + 1, stage_start, data.n_train, config.seed)
                                for j in range(B)] for it in its_padded])
             base_key = par.local(state.key)
-            keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(its_padded, jnp.int32))
+            keys = iteration_keys(base_key, np.asarray(its_padded, np.int32))
             state = par.replicate(state)  # a no-op unless densification, growth or a stage switch made a new one
             args = (state, data.sharded_batch(views), par.replicate(keys), par.replicate(jnp.int32(len(its))))
             timer.since("host", t_host)
@@ -307,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            if name not in ("overflow", "finite", "done") and not name.startswith(NONFINITE_PREFIX)}
                     rec["step_time_s"] = dt
                     logger.write(it, rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), **last_report)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", n=int(rec["num_gaussians"]), refresh=False,
+                                    **last_report)  # drawn by the bar's next timed refresh, not at every log
                 bar.update(1)
             timer.since("host", t_host)
             if int(state.step) < end:
