@@ -22,7 +22,8 @@
 #   ref64plain   train.py :ref64 with the shipped defaults only (no buffer sizing flag), twice on one compilation
 #                cache (cold, then repeated)
 #   defaultplain train.py (the default run) with the shipped defaults only
-#   trained      the fine step (periodic phase) on the trained Gaussians of defaultbg's run, timed and profiled
+#   trained      the fine step (periodic phase) on the trained Gaussians of defaultbg's run (or $TRAINED_EXPORT), timed
+#                (today's defaults; the reference's 3σ tile rectangles, X2GS_PAIR_RECT=upstream) and profiled
 # Environment variables pass through (e.g. X2GS_DECODER=fused bash bench/speed_suite.sh OUT ref64bg).
 # H200 device time (2026-12-04 figures): field ~1 min, step ~6 min, profile ~2 min, ref64 ~8 min, ref64bg ~4 min,
 # default ~8 min, defaultbg ~6.5 min, trained ~1.5 min,
@@ -84,8 +85,9 @@ for c in "${cases[@]}"; do
       ts d256 -- --gaussians 200000 --detector 256
       ts autotune0 XLA_FLAGS=--xla_gpu_autotune_level=0 -- --gaussians 200000 --detector 512 ;;
     trained)  # the fine step on the Gaussians of the defaultbg run (run that case first), timed and profiled
-      ex=runs/speed_default_background_cap5/export
+      ex=${TRAINED_EXPORT:-runs/speed_default_background_cap5/export}
       ts trained -- --trained "$ex" --gaussians 0
+      ts trained_upstream_rect X2GS_PAIR_RECT=upstream -- --trained "$ex" --gaussians 0
       X2GS_COMPILE_CACHE="$cc/trained" python bench/profile_step.py --trained "$ex" --hlo auto \
         > "$out/profile_trained.log" 2>&1 || echo "profile (trained) failed"
       head -34 "$out/profile_trained.log" ;;

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from kernels._launch import debug_init, launch, merge_batch, on_gpu, split_factor
 from kernels.binning import SUB, bin_tiles, default_capacity, empty_boxes
 from x2gs_jax.render.projection import TILE, preprocess, tile_grid
-from x2gs_jax.render.rasterize_ref import RenderAux, pair_counts
+from x2gs_jax.render.rasterize_ref import RenderAux, contributing_pairs
 
 # Launch shapes (profile-tuned on an H200, see bench/README.md): pairs per inner step and warps per program.
 BLOCK_G = 16  # forward: [16 pairs, 256 px] float32 per temporary
@@ -169,7 +169,7 @@ def rasterize_points(means, scales, rotations, densities, camera, *, ndc_offset:
         zero = jnp.zeros((), jnp.int32)
         return (jnp.zeros((camera.height, camera.width), jnp.float32),
                 RenderAux(proj.radii, jnp.zeros((), bool), zero, jax.lax.stop_gradient(proj.means2d)))
-    counts = pair_counts(proj, densities)
+    proj, counts = contributing_pairs(proj, densities, camera.width, camera.height)
     # Tile box (row, column, 0) of the binning kernels, empty for Gaussians that cannot contribute.
     lo, hi = proj.rect_min.astype(jnp.int32), proj.rect_max.astype(jnp.int32)
     zero, one = jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1), jnp.int32)

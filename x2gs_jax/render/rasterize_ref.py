@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from x2gs_jax.render.projection import TILE, Projected, preprocess, tile_grid
+from x2gs_jax.render.projection import TILE, Projected, preprocess, tile_grid, tile_rect
 
 ALPHA_MIN = 1e-5  # per-pixel skip threshold (rasterizer.md §5)
 PIXELS_PER_TILE = TILE * TILE
@@ -62,6 +62,37 @@ def pair_counts(proj: Projected, densities: jax.Array) -> jax.Array:
     weight = jax.lax.stop_gradient(densities * proj.mu)
     contributes = (proj.radii > 0) & (weight >= ALPHA_MIN)
     return jnp.where(contributes, area, 0).astype(jnp.int32)
+
+
+def alpha_rect_mode() -> str:
+    """X2GS_PAIR_RECT, read at trace time: "alpha" (default: `contributing_pairs` cuts each tile rectangle to where
+    the Gaussian can pass the α test) or "upstream" (the reference's 3σ rectangle; an A/B, the same images)."""
+    import os
+
+    mode = os.environ.get("X2GS_PAIR_RECT", "alpha")
+    if mode not in ("alpha", "upstream"):
+        raise ValueError(f"X2GS_PAIR_RECT={mode!r}: expected alpha or upstream")
+    return mode
+
+
+def contributing_pairs(proj: Projected, densities: jax.Array, width: int, height: int) -> tuple[Projected, jax.Array]:
+    """(proj with tile rectangles cut to the α-reachable disc, pair counts [C] int32) — the pairs every backend walks.
+
+    A pixel at distance d from the centre has E ≤ −d² / (2 λ_max), so α = w·exp(E) ≥ ALPHA_MIN (w = ρμ) needs
+    d ≤ σ·sqrt(2 ln(w / ALPHA_MIN)) with σ = sqrt(λ_max) ≤ radius / 3 (radius = ceil(3σ)). Each rectangle is taken
+    from min(radius, ceil(that bound) + 1): the extra pixel covers the rectangle's truncation at its far edge, so
+    every tile dropped holds only pixels whose α fails the test — the rendered image and its gradients are the
+    3σ rectangles' (bit-identical images on the reference backend, tests/test_rasterize.py). Why: the rasterizer's
+    cost is per pair, and many trained Gaussians are faint (a short `:tiny` X2 run: 42 % with w < 9e-4, where the
+    bound is below 3σ)."""
+    if alpha_rect_mode() == "alpha":
+        w = jax.lax.stop_gradient(densities * proj.mu)
+        ext = jnp.sqrt(2.0 * jnp.log(jnp.maximum(w, ALPHA_MIN) / ALPHA_MIN))
+        r3 = proj.radii.astype(jnp.float32)
+        radius = jnp.minimum(r3, jnp.ceil(r3 / 3.0 * ext) + 1.0).astype(jnp.int32)  # min in float: no int overflow
+        rect_min, rect_max = tile_rect(jax.lax.stop_gradient(proj.means2d), radius, width, height)
+        proj = proj._replace(rect_min=rect_min, rect_max=rect_max)
+    return proj, pair_counts(proj, densities)
 
 
 def _chunk_pairs(start, chunk: int, cum_end, counts, rect_min, rect_max, n_pairs):
@@ -194,7 +225,8 @@ _raster.defvjp(_raster_fwd, _raster_bwd)
 def count_pairs(means, scales, rotations, densities, camera, *, ndc_offset=None) -> jax.Array:
     """Number [] int32 of (Gaussian, tile) pairs an exact render of this view needs (vmappable, jit-safe)."""
     proj = preprocess(means, scales, rotations, camera, ndc_offset=ndc_offset)
-    return jnp.sum(pair_counts(proj, jnp.asarray(densities, jnp.float32)))
+    _, counts = contributing_pairs(proj, jnp.asarray(densities, jnp.float32), camera.width, camera.height)
+    return jnp.sum(counts)
 
 
 def pair_capacity(num_pairs) -> int:
@@ -235,7 +267,7 @@ def rasterize_points_ref(means, scales, rotations, densities, camera, *, ndc_off
         zero = jnp.zeros((), jnp.int32)
         return (jnp.zeros((camera.height, camera.width), jnp.float32),
                 RenderAux(proj.radii, jnp.zeros((), bool), zero, proj.means2d))
-    counts = pair_counts(proj, densities)
+    proj, counts = contributing_pairs(proj, densities, camera.width, camera.height)
     cum_end = jnp.cumsum(counts)
     total = cum_end[-1]
     n_pairs = total if max_pairs is None else jnp.minimum(total, jnp.int32(max_pairs))
