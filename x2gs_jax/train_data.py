@@ -2,6 +2,7 @@
 iterations' random keys, and the size of the rasterizer's pair buffer (used by `train_lib`)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -19,8 +20,16 @@ def view_index(iteration: int, stage_start: int, n_views: int, seed: int) -> int
     `stage_start` uses permutation(epoch) at position (i - stage_start) mod n."""
     k = iteration - stage_start
     epoch, pos = divmod(k, n_views)
+    return int(_epoch_permutation(seed, stage_start, epoch, n_views)[pos])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, stage_start: int, epoch: int, n_views: int) -> np.ndarray:
+    """One epoch's view order, drawn once (a generator per iteration cost ~12 µs, 0.6 ms per call of 50 on the dev
+    CPU)."""
     perm = np.random.default_rng([seed, stage_start, epoch]).permutation(n_views)
-    return int(perm[pos])
+    perm.flags.writeable = False
+    return perm
 
 
 class TrainData:
