@@ -11,6 +11,7 @@ import numpy as np
 
 from x2gs_jax import parallel
 from x2gs_jax.data.naf import Case
+from x2gs_jax.render.rasterize_ref import count_pairs, pair_capacity
 from x2gs_jax.train_state import TrainState
 
 
@@ -65,8 +66,6 @@ class TrainData:
 
 def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[int], views: int = 16) -> int:
     """A power-of-two pair capacity with 2x headroom over the worst of a spread of training views."""
-    from x2gs_jax.render.rasterize_ref import pair_capacity
-
     idx = np.unique(np.linspace(0, data.n_train - 1, min(views, data.n_train)).astype(int))
     needed = pair_capacity(2 * int(_most_pairs(state.gaussians(), data.cameras, np.asarray(idx, np.int32))))
     return max(needed, 2 * current) if current else needed
@@ -74,11 +73,9 @@ def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[
 
 @jax.jit
 def _most_pairs(g, cameras, idx) -> jax.Array:
-    """The largest pair count over the views `idx` [V] of the stacked `cameras` for the Gaussians g. One program: run eagerly, each of
-    its ops compiled on its own at every new capacity (CPU, 50k / 200k Gaussians, 16 views: 3.2 / 5.3 s eagerly
-    against 0.8 / 1.8 s as one program, the first call)."""
-    from x2gs_jax.render.rasterize_ref import count_pairs
-
+    """The largest pair count over the views `idx` [V] of the stacked `cameras` for the Gaussians g. One program:
+    run eagerly, each of its ops compiled on its own at every new capacity (CPU, 50k / 200k Gaussians, 16 views:
+    3.2 / 5.3 s eagerly against 0.8 / 1.8 s as one program, the first call)."""
     args = (g.get_xyz(), g.get_scale(), g.get_rotation(), g.get_density())
     return jnp.max(jax.vmap(lambda cam: count_pairs(*args, cam))(jax.tree.map(lambda x: x[idx], cameras)))
 

@@ -19,6 +19,7 @@ A Gaussian contributes only if it is visible (radius > 0) and ρμ ≥ 1e-5; oth
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -67,8 +68,6 @@ def pair_counts(proj: Projected, densities: jax.Array) -> jax.Array:
 def alpha_rect_mode() -> str:
     """X2GS_PAIR_RECT, read at trace time: "alpha" (default: `contributing_pairs` cuts each tile rectangle to where
     the Gaussian can pass the α test) or "upstream" (the reference's 3σ rectangle; an A/B, the same images)."""
-    import os
-
     mode = os.environ.get("X2GS_PAIR_RECT", "alpha")
     if mode not in ("alpha", "upstream"):
         raise ValueError(f"X2GS_PAIR_RECT={mode!r}: expected alpha or upstream")
