@@ -65,8 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Compile the step function of the next static phase / of the fine stage in a background thread while the
     # current one trains (x2gs_jax/step_functions.py): H200, :ref64 with model.initial_capacity_factor=5.1 too (no
     # buffer growth, whose recompilations cannot be foreseen), the compilation the loop waits for 49.4 -> 6.6 s and
-    # the run 157.0 -> 117.4 s (BENCHMARKS.md, Training, item 7). The CPU-sized variants turn it off (the worker
-    # would share two cores with the training).
+    # the run 157.0 -> 117.4 s (BENCHMARKS.md, Training, item 8); with the defaults alone (no sizing flag) the loop
+    # waits 17.8 s and the run takes 135.8 s (item 10). The CPU-sized variants turn it off (the worker would share two
+    # cores with the training).
     c.train.background_compile = True
 
     c.loss = ml_collections.ConfigDict(dict(
