@@ -81,16 +81,11 @@ def trained_config(export: str, per_call: int = 50):
 def trained_state(export: str, config, case, dyn):
     """A TrainState holding a finished run's exported Gaussians and model parameters (its capacity; fresh
     optimiser state): the step's cost with trained Gaussians (their sizes decide the rasterizer's pairs)."""
-    from x2gs_jax.densify import DensifyStats
     from x2gs_jax.export import load_export
-    from x2gs_jax.train_state import TrainState
+    from x2gs_jax.run_state import fresh_state
 
     params, model_state, active, meta = load_export(export, dyn, case)
-    opt = train_lib.build_optimizer(config, params, dyn)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, active=jnp.asarray(active),
-                      opt_state=train_lib.init_opt_state(opt, params), stats=DensifyStats.zeros(active.shape[0]),
-                      model_state=model_state, key=jax.random.PRNGKey(int(config.seed)),
-                      scale_bound=meta["scale_bound"])
+    return fresh_state(config, params, active, model_state, meta["scale_bound"], dyn)
 
 
 def build(model: str, n: int, detector: int, cache: str, backend: str, size: int = 128, per_call: int = 50,

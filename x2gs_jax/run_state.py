@@ -52,10 +52,18 @@ def init_state(config, case: Case, points: np.ndarray, model) -> TrainState:
     key = jax.random.PRNGKey(config.seed)
     params.update(model.init_params(jax.random.fold_in(key, 1), case))
     model_state = model.init_model_state(jax.random.fold_in(key, 2), g)
+    return fresh_state(config, params, g.active, model_state, scale_bound, model)
+
+
+def fresh_state(config, params: dict, active, model_state: dict, scale_bound, model) -> TrainState:
+    """A state at step 0 around given parameters, active mask [capacity] and model state: fresh optimiser state,
+    zero densification statistics, the run's key (config.seed). `init_state` and a finished run's export
+    (`bench/train_speed.py --trained`) both start from here."""
     optimizer = build_optimizer(config, params, model)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, active=g.active,
-                      opt_state=init_opt_state(optimizer, params),
-                      stats=DensifyStats.zeros(capacity), model_state=model_state, key=key, scale_bound=scale_bound)
+    active = jnp.asarray(active)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, active=active,
+                      opt_state=init_opt_state(optimizer, params), stats=DensifyStats.zeros(active.shape[0]),
+                      model_state=model_state, key=jax.random.PRNGKey(config.seed), scale_bound=scale_bound)
 
 
 def build_optimizer(config, params, model):

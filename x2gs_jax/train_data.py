@@ -66,8 +66,8 @@ class TrainData:
 
 def grown_pair_capacity(state: TrainState, data: "TrainData", current: Optional[int], views: int = 16) -> int:
     """A power-of-two pair capacity with 2x headroom over the worst of a spread of training views."""
-    idx = np.unique(np.linspace(0, data.n_train - 1, min(views, data.n_train)).astype(int))
-    needed = pair_capacity(2 * int(_most_pairs(state.gaussians(), data.cameras, np.asarray(idx, np.int32))))
+    idx = np.unique(np.linspace(0, data.n_train - 1, min(views, data.n_train)).astype(np.int32))
+    needed = pair_capacity(2 * int(_most_pairs(state.gaussians(), data.cameras, idx)))
     return max(needed, 2 * current) if current else needed
 
 
